@@ -1,0 +1,9 @@
+"""capsrouting: fused dynamic routing between capsules (Sabour, Frosst & Hinton, 2017)."""
+from . import torch_backend as _torch_backend  # noqa: F401  (registers backend "torch")
+from .backends import available_backends
+from .functional import capsule_routing, route, squash
+from .layer import CapsuleLayer
+
+__version__ = "0.1.0"
+
+__all__ = ["capsule_routing", "route", "squash", "CapsuleLayer", "available_backends", "__version__"]

@@ -1,0 +1,72 @@
+"""Input checks shared by every backend, so all of them reject bad input alike."""
+import torch
+
+SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = "float64, float32, float16 or bfloat16"
+
+
+def _check_tensor(name: str, t, rank: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have shape {layout} ({rank} dims), got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must have dtype {_DTYPE_NAMES}, got {t.dtype}")
+
+
+def _check_nonempty(name: str, t: torch.Tensor, layout: str, dims) -> None:
+    # B may be 0; the capsule counts and sizes may not.
+    for d in dims:
+        if t.shape[d] == 0:
+            raise ValueError(
+                f"{name} must have shape {layout} with every dimension but the batch >= 1, "
+                f"got shape {tuple(t.shape)}"
+            )
+
+
+def check_num_iterations(num_iterations) -> None:
+    if isinstance(num_iterations, bool) or not isinstance(num_iterations, int):
+        raise TypeError(f"num_iterations must be an int >= 1, got {num_iterations!r}")
+    if num_iterations < 1:
+        raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+
+
+def check_capsule_routing_args(u, W, num_iterations) -> None:
+    """u (B, I, Din) and W (I, J, Dout, Din): same dtype and device, matching I and Din."""
+    _check_tensor("u", u, 3, "(B, I, Din)")
+    _check_tensor("W", W, 4, "(I, J, Dout, Din)")
+    _check_nonempty("u", u, "(B, I, Din)", (1, 2))
+    _check_nonempty("W", W, "(I, J, Dout, Din)", (0, 1, 2, 3))
+    if u.shape[1] != W.shape[0]:
+        raise ValueError(
+            f"W must have shape (I, J, Dout, Din) with I = u.shape[1] = {u.shape[1]}, "
+            f"got W of shape {tuple(W.shape)}"
+        )
+    if u.shape[2] != W.shape[3]:
+        raise ValueError(
+            f"W must have shape (I, J, Dout, Din) with Din = u.shape[2] = {u.shape[2]}, "
+            f"got W of shape {tuple(W.shape)}"
+        )
+    if u.dtype != W.dtype:
+        raise TypeError(f"u and W must have the same dtype, got u {u.dtype} and W {W.dtype}")
+    if u.device != W.device:
+        raise ValueError(f"u and W must be on the same device, got u on {u.device} and W on {W.device}")
+    check_num_iterations(num_iterations)
+
+
+def check_route_args(u_hat, num_iterations) -> None:
+    """u_hat (B, I, J, D)."""
+    _check_tensor("u_hat", u_hat, 4, "(B, I, J, D)")
+    _check_nonempty("u_hat", u_hat, "(B, I, J, D)", (1, 2, 3))
+    check_num_iterations(num_iterations)
+
+
+def check_squash_args(s, dim) -> None:
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"s must be a torch.Tensor, got {type(s).__name__}")
+    if not s.is_floating_point():
+        raise TypeError(f"s must have a floating-point dtype, got {s.dtype}")
+    if s.dim() == 0:
+        raise ValueError("s must have at least one dimension, got a 0-dim tensor")
+    if not -s.dim() <= dim < s.dim():
+        raise ValueError(f"dim must be in [{-s.dim()}, {s.dim() - 1}] for s of shape {tuple(s.shape)}, got {dim}")

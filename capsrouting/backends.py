@@ -1,0 +1,116 @@
+"""Which routing backend runs: the registry, availability probes and the automatic choice.
+
+Every backend implements the same two entry points on validated input:
+``capsule_routing(u, W, num_iterations)`` and ``route(u_hat, num_iterations)``.
+An automatic choice falls back quietly to the next backend (and warns once when
+a preferred one is missing); an explicitly requested backend that cannot run
+raises ``ValueError`` naming what is missing.
+"""
+import dataclasses
+import functools
+import logging
+import warnings
+from typing import Callable, Optional, Tuple
+
+import torch
+
+logger = logging.getLogger("capsrouting")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    description: str
+    # Device types ("cpu", "cuda") whose tensors this backend accepts.
+    device_types: Callable[[], Tuple[str, ...]]
+    # None when usable, else the reason it is not.
+    probe: Callable[[], Optional[str]]
+    capsule_routing: Callable
+    route: Callable
+
+
+_REGISTRY: dict = {}
+# Automatic choice, fastest first, per device type.
+_PREFERENCE = {"cuda": ["triton", "cuda", "torch"], "cpu": ["cpu", "torch"]}
+# Names that later versions fill in; listed so errors can say why they are absent.
+_PLANNED = ("triton", "cuda", "cpu")
+
+
+def register(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason(name: str) -> Optional[str]:
+    """None if the backend can run here, else why not (probed once, then cached)."""
+    if name not in _REGISTRY:
+        return "not implemented in this version" if name in _PLANNED else "unknown backend"
+    try:
+        return _REGISTRY[name].probe()
+    except Exception as exc:  # a probe must never take the import down with it
+        return f"probe failed: {type(exc).__name__}: {exc}"
+
+
+def available_backends() -> list:
+    """Names of the backends usable right now, in registration order."""
+    return [name for name in _REGISTRY if unavailable_reason(name) is None]
+
+
+def backend_report() -> dict:
+    """{name: None if available else reason} for every known or planned backend."""
+    names = list(_REGISTRY) + [n for n in _PLANNED if n not in _REGISTRY]
+    return {name: unavailable_reason(name) for name in names}
+
+
+def _describe_choices() -> str:
+    parts = []
+    for name, reason in backend_report().items():
+        parts.append(f"'{name}' (available)" if reason is None else f"'{name}' (unavailable: {reason})")
+    return "; ".join(parts)
+
+
+_announced: set = set()
+
+
+def _announce_once(key, message: str, warn: bool) -> None:
+    if key in _announced:
+        return
+    _announced.add(key)
+    if warn:
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+    else:
+        logger.info(message)
+
+
+def resolve(backend: str, device: torch.device) -> Backend:
+    """The backend object that runs for tensors on ``device``."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string such as 'auto' or 'torch', got {backend!r}")
+    device_type = device.type
+    if backend == "auto":
+        skipped = []
+        for name in _PREFERENCE.get(device_type, ["torch"]):
+            reason = unavailable_reason(name)
+            if reason is None and device_type in _REGISTRY[name].device_types():
+                if skipped:
+                    why = "; ".join(f"'{n}': {r}" for n, r in skipped)
+                    _announce_once((device_type, name), f"capsrouting: using backend '{name}' for {device_type} tensors ({why})", warn=True)
+                else:
+                    _announce_once((device_type, name), f"capsrouting: using backend '{name}' for {device_type} tensors", warn=False)
+                return _REGISTRY[name]
+            # Only a backend that exists but cannot run here is worth a warning.
+            if name in _REGISTRY:
+                skipped.append((name, reason or f"does not run on {device_type} tensors"))
+        raise ValueError(f"no backend runs on {device_type} tensors; backends: {_describe_choices()}")
+    reason = unavailable_reason(backend)
+    if reason is not None:
+        raise ValueError(
+            f"backend must be 'auto' or an available backend, got '{backend}'; backends: {_describe_choices()}"
+        )
+    selected = _REGISTRY[backend]
+    if device_type not in selected.device_types():
+        raise ValueError(
+            f"backend '{backend}' runs on {', '.join(selected.device_types())} tensors, "
+            f"got tensors on {device}; backends: {_describe_choices()}"
+        )
+    return selected

@@ -1,0 +1,87 @@
+"""CapsNet training losses (Sabour, Frosst & Hinton, 2017, §3 and §4.1).
+
+* Margin loss (eq. 4), per class k:
+  ``L_k = T_k max(0, m+ - |v_k|)^2 + lambda (1 - T_k) max(0, |v_k| - m-)^2``
+  with T_k = 1 iff k is the true class; summed over classes, averaged over the batch.
+  The down-weighting lambda of absent classes stops the initial learning from
+  shrinking every capsule.
+* Reconstruction loss: the sum of squared pixel errors per image, averaged over
+  the batch and scaled by 0.0005 so it does not dominate the margin loss.
+* ``capsnet_loss``: their sum, for a :class:`~capsrouting.models.CapsNetOutput`.
+"""
+import torch
+
+__all__ = ["margin_loss", "reconstruction_loss", "capsnet_loss"]
+
+
+def _check_float_tensor(name: str, t, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+
+
+def margin_loss(
+    lengths: torch.Tensor,
+    labels: torch.Tensor,
+    m_plus: float = 0.9,
+    m_minus: float = 0.1,
+    lam: float = 0.5,
+) -> torch.Tensor:
+    """Margin loss of capsule lengths (B, K) against int64 labels (B,) in [0, K); a scalar."""
+    _check_float_tensor("lengths", lengths, "(B, num_classes)")
+    if lengths.dim() != 2:
+        raise ValueError(f"lengths must have shape (B, num_classes), got shape {tuple(lengths.shape)}")
+    B, K = lengths.shape
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of shape (B,), got {type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must have dtype torch.int64, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != B:
+        raise ValueError(f"labels must have shape (B,) = ({B},) to match lengths, got shape {tuple(labels.shape)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= K):
+        raise ValueError(f"labels must lie in [0, {K}), got values in [{int(labels.min())}, {int(labels.max())}]")
+
+    targets = torch.nn.functional.one_hot(labels, K).to(lengths.dtype)  # T_k
+    present = torch.clamp(m_plus - lengths, min=0.0) ** 2
+    absent = torch.clamp(lengths - m_minus, min=0.0) ** 2
+    per_class = targets * present + lam * (1.0 - targets) * absent
+    return per_class.sum(dim=1).mean()
+
+
+def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor, weight: float = 0.0005) -> torch.Tensor:
+    """``weight`` times the batch mean of the per-image sum of squared errors; a scalar.
+
+    reconstructions: (B, P); images: (B, ...) floating point with P values per
+    image, e.g. (B, 1, S, S) with P = S*S. Images are flattened to (B, P).
+    """
+    _check_float_tensor("reconstructions", reconstructions, "(B, S*S)")
+    if reconstructions.dim() != 2:
+        raise ValueError(f"reconstructions must have shape (B, S*S), got shape {tuple(reconstructions.shape)}")
+    B, P = reconstructions.shape
+    _check_float_tensor("images", images, f"(B, ...) with {P} pixels per image")
+    pixels = images.shape[1:].numel() if images.dim() >= 2 else -1
+    if images.dim() < 2 or images.shape[0] != B or pixels != P:
+        raise ValueError(
+            f"images must have shape (B, ...) with B = {B} and {P} pixels per image to match "
+            f"reconstructions of shape {tuple(reconstructions.shape)}, got shape {tuple(images.shape)}"
+        )
+    target = images.reshape(B, P).to(reconstructions.dtype)
+    return weight * ((reconstructions - target) ** 2).sum(dim=1).mean()
+
+
+def capsnet_loss(output, images: torch.Tensor, labels: torch.Tensor, reconstruction_weight: float = 0.0005) -> torch.Tensor:
+    """Total CapsNet loss of a :class:`~capsrouting.models.CapsNetOutput`; a scalar.
+
+    ``margin_loss(output.lengths, labels)`` plus
+    ``reconstruction_loss(output.reconstructions, images, reconstruction_weight)``,
+    or the margin loss alone when ``output.reconstructions`` is None.
+    """
+    if not hasattr(output, "lengths") or not hasattr(output, "reconstructions"):
+        raise TypeError(
+            f"output must be a CapsNetOutput (with lengths and reconstructions), got {type(output).__name__}"
+        )
+    loss = margin_loss(output.lengths, labels)
+    if output.reconstructions is not None:
+        loss = loss + reconstruction_loss(output.reconstructions, images, weight=reconstruction_weight)
+    return loss

@@ -1,0 +1,33 @@
+"""Backend "torch": the reference itself, with half types computed in float32."""
+import torch
+
+from . import reference
+from .backends import Backend, register
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _HALF_TYPES else dtype
+
+
+def capsule_routing(u: torch.Tensor, W: torch.Tensor, num_iterations: int) -> torch.Tensor:
+    dtype = _compute_dtype(u.dtype)
+    return reference.capsule_routing(u.to(dtype), W.to(dtype), num_iterations).to(u.dtype)
+
+
+def route(u_hat: torch.Tensor, num_iterations: int) -> torch.Tensor:
+    dtype = _compute_dtype(u_hat.dtype)
+    return reference.route(u_hat.to(dtype), num_iterations).to(u_hat.dtype)
+
+
+register(
+    Backend(
+        name="torch",
+        description="pure-PyTorch reference (any device; defines correctness)",
+        device_types=lambda: ("cpu", "cuda"),
+        probe=lambda: None,
+        capsule_routing=capsule_routing,
+        route=route,
+    )
+)
