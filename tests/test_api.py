@@ -1,4 +1,6 @@
 """Public API: names, dtypes, empty batches, backend choice and the errors for bad input."""
+import re
+
 import pytest
 import torch
 
@@ -117,7 +119,7 @@ def test_unknown_and_unavailable_backends_explain_themselves():
 
     for name, reason in backend_report().items():
         if reason is not None:
-            with pytest.raises(ValueError, match=f"unavailable: {reason[:20]}"):
+            with pytest.raises(ValueError, match=re.escape(f"unavailable: {reason}")):
                 capsrouting.capsule_routing(u, W, backend=name)
     with pytest.raises(TypeError, match="backend must be a string"):
         capsrouting.capsule_routing(u, W, backend=None)
