@@ -27,6 +27,8 @@ class Backend:
     probe: Callable[[], Optional[str]]
     capsule_routing: Callable
     route: Callable
+    # (x, W or None) -> None if this backend handles the shape, else why not.
+    shape_reason: Callable = lambda x, W: None
 
 
 _REGISTRY: dict = {}
@@ -82,16 +84,21 @@ def _announce_once(key, message: str, warn: bool) -> None:
         logger.info(message)
 
 
-def resolve(backend: str, device: torch.device) -> Backend:
-    """The backend object that runs for tensors on ``device``."""
+def resolve(backend: str, x: torch.Tensor, W: Optional[torch.Tensor] = None) -> Backend:
+    """The backend that runs for input ``x`` (u, or u_hat when ``W`` is None)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string such as 'auto' or 'torch', got {backend!r}")
+    device = x.device
     device_type = device.type
     if backend == "auto":
         skipped = []
         for name in _PREFERENCE.get(device_type, ["torch"]):
             reason = unavailable_reason(name)
-            if reason is None and device_type in _REGISTRY[name].device_types():
+            if reason is None and device_type not in _REGISTRY[name].device_types():
+                reason = f"does not run on {device_type} tensors"
+            if reason is None:
+                reason = _REGISTRY[name].shape_reason(x, W)
+            if reason is None:
                 if skipped:
                     why = "; ".join(f"'{n}': {r}" for n, r in skipped)
                     _announce_once((device_type, name), f"capsrouting: using backend '{name}' for {device_type} tensors ({why})", warn=True)
@@ -100,7 +107,7 @@ def resolve(backend: str, device: torch.device) -> Backend:
                 return _REGISTRY[name]
             # Only a backend that exists but cannot run here is worth a warning.
             if name in _REGISTRY:
-                skipped.append((name, reason or f"does not run on {device_type} tensors"))
+                skipped.append((name, reason))
         raise ValueError(f"no backend runs on {device_type} tensors; backends: {_describe_choices()}")
     reason = unavailable_reason(backend)
     if reason is not None:
@@ -113,4 +120,7 @@ def resolve(backend: str, device: torch.device) -> Backend:
             f"backend '{backend}' runs on {', '.join(selected.device_types())} tensors, "
             f"got tensors on {device}; backends: {_describe_choices()}"
         )
+    reason = selected.shape_reason(x, W)
+    if reason is not None:
+        raise ValueError(f"backend '{backend}' cannot run this problem: {reason}")
     return selected

@@ -18,13 +18,13 @@ def capsule_routing(u: torch.Tensor, W: torch.Tensor, num_iterations: int = 3, *
         v: output capsules, (B, J, Dout), in the dtype of ``u``.
     """
     check_capsule_routing_args(u, W, num_iterations)
-    return backends.resolve(backend, u.device).capsule_routing(u, W, num_iterations)
+    return backends.resolve(backend, u, W).capsule_routing(u, W, num_iterations)
 
 
 def route(u_hat: torch.Tensor, num_iterations: int = 3, *, backend: str = "auto") -> torch.Tensor:
     """Dynamic routing on given predictions ``u_hat`` (B, I, J, D); returns v (B, J, D)."""
     check_route_args(u_hat, num_iterations)
-    return backends.resolve(backend, u_hat.device).route(u_hat, num_iterations)
+    return backends.resolve(backend, u_hat).route(u_hat, num_iterations)
 
 
 def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:

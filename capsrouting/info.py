@@ -70,7 +70,7 @@ def main() -> int:
                 print(f"          on {device}: FAILED: {type(exc).__name__}: {exc}")
     print()
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        chosen = backends.resolve("auto", torch.device(device)).name
+        chosen = backends.resolve("auto", torch.empty(1, 1, 1, device=device)).name
         print(f"backend='auto' runs '{chosen}' for {device} tensors")
     return 1 if failures else 0
 

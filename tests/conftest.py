@@ -2,8 +2,14 @@
 import os
 from pathlib import Path
 
-import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The
+# variable must be set before capsrouting imports triton, hence here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_addoption(parser):

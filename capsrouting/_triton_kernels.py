@@ -1,0 +1,291 @@
+"""Triton kernels for fused dynamic routing (DESIGN.md §2-§3).
+
+Every kernel rebuilds the predictions u_hat[b, i, j, :] = W[i, j] @ u[b, i] in
+registers, tile by tile, instead of reading them from memory (or reads a given
+u_hat when ``HAS_W`` is false, for ``route``). The routing state carried
+between iterations is V(r) = v(1) + ... + v(r), J x D numbers per batch
+element; the logits of iteration r are dot(u_hat[i, j], V(r-1)[j]).
+
+Notation in pointers: B batch, I input capsules, J output capsules, D = Dout,
+K = Din, R routing iterations. Arithmetic runs in the dtype of the saved-state
+buffers (``s_ptr``): float64 for float64 input, float32 otherwise; loads are
+cast to it and stores cast back once.
+
+Kernels
+-------
+_routing_forward_kernel
+    grid (B, num_splits). num_splits == 1: one program per batch element runs all R
+    iterations with V in registers; one launch does the whole forward.
+    num_splits > 1 (small batches, where B programs would leave most of a GPU
+    idle): each program sums its slice of the input capsules for ONE
+    iteration into a partial s, and the launcher combines the slices (fixed
+    order, so deterministic) between iterations.
+    Tiling: BLOCK_I input capsules at a time; the tile of predictions is
+    (BLOCK_I, BLOCK_J, BLOCK_D) in registers, built by a loop over K.
+    Registers: the u_hat tile, V and s (BLOCK_J x BLOCK_D each).
+    Saved for backward: s(r) and V(r-1) for every r, (B, R, J, D) each.
+_routing_backward_reduce_kernel
+    grid (B, num_splits), phase 1 of §3. For r = R..1 it turns the gradient of
+    v(r) into g_s(r) (squash backward, stored for phase 2) and, for r >= 2,
+    reduces A(r) = sum_i g_b(r)[i, j] u_hat[i, j] over the input capsules, the
+    gradient that flows into V(r-1). Split like the forward for small batches
+    (then one launch per iteration and the launcher combines partial A).
+_routing_backward_inputs_kernel
+    grid (I, K chunks, batch chunks), phase 2 of §3. One program owns one
+    input capsule i (and a chunk of K), loops over its batch chunk, rebuilds
+    u_hat[b, i] (BLOCK_J x BLOCK_D), sums the R terms of du_hat, and writes
+    du[b, i] (or du_hat[b, i] for ``route``). The dW[i] tile
+    (BLOCK_J x BLOCK_D x BLOCK_K) is accumulated in registers across the
+    batch and stored once: no atomics, the same bits every run. With several
+    batch chunks each writes its own partial dW, summed in a fixed order.
+"""
+import triton
+import triton.language as tl
+
+SQUASH_EPS = tl.constexpr(1e-8)  # as in reference.squash
+
+
+@triton.jit
+def _predictions_tile(
+    x_ptr, W_ptr, b, i_offs, j_offs, d_offs, I, J, D, K,
+    HAS_W: tl.constexpr, ACC: tl.constexpr,
+):
+    """u_hat[b, i_offs, j_offs, d_offs] as a (BLOCK_I, BLOCK_J, BLOCK_D) tile, zero outside."""
+    i3 = i_offs[:, None, None]
+    j3 = j_offs[None, :, None]
+    d3 = d_offs[None, None, :]
+    mask = (i3 < I) & (j3 < J) & (d3 < D)
+    if HAS_W:
+        # x is u (B, I, K); W is (I, J, D, K): one matrix-vector product per (i, j).
+        acc = tl.zeros((i_offs.shape[0], j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
+        u_row = x_ptr + (b * I + i_offs) * K
+        w_row = W_ptr + ((i3 * J + j3) * D + d3) * K
+        for k in range(K):
+            u_k = tl.load(u_row + k, mask=i_offs < I, other=0.0).to(ACC)
+            w_k = tl.load(w_row + k, mask=mask, other=0.0).to(ACC)
+            acc += w_k * u_k[:, None, None]
+        return acc
+    else:
+        # x is u_hat (B, I, J, D).
+        offs = ((b * I + i3) * J + j3) * D + d3
+        return tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _coupling(logits, j_valid):
+    """Softmax over the output capsules (axis 1); padded j get zero."""
+    logits = tl.where(j_valid, logits, float("-inf"))
+    m = tl.max(logits, axis=1)
+    e = tl.exp(logits - m[:, None])
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def _squash(s, EPS: tl.constexpr):
+    """Squash each row of s (BLOCK_J, BLOCK_D)."""
+    n2 = tl.sum(s * s, axis=1)[:, None]
+    return n2 / (1.0 + n2) * s / tl.sqrt(n2 + EPS)
+
+
+@triton.jit
+def _squash_backward(s, g, EPS: tl.constexpr):
+    """Gradient wrt s of squash(s) given the gradient g of its output, row-wise.
+
+    squash(s) = f(x) s with x = |s|^2, f = x / ((1 + x) sqrt(x + eps)), so
+    g_s = f g + 2 f'(x) (s . g) s with
+    f'(x) = ((x + eps) - x (1 + x) / 2) / ((1 + x)^2 (x + eps)^(3/2)),
+    finite at s = 0.
+    """
+    x = tl.sum(s * s, axis=1)[:, None]
+    sg = tl.sum(s * g, axis=1)[:, None]
+    root = tl.sqrt(x + EPS)
+    f = x / ((1.0 + x) * root)
+    df = ((x + EPS) - 0.5 * x * (1.0 + x)) / ((1.0 + x) * (1.0 + x) * (x + EPS) * root)
+    return f * g + 2.0 * df * sg * s
+
+
+@triton.jit
+def _accumulate_s(
+    x_ptr, W_ptr, b, V, i_begin, i_end, j_offs, d_offs, I, J, D, K,
+    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """sum over i in [i_begin, i_end) of c[i, j] u_hat[i, j] for logits dot(u_hat, V)."""
+    s = tl.zeros((j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
+    j_valid = (j_offs < J)[None, :]
+    for i0 in range(i_begin, i_end, BLOCK_I):
+        i_offs = i0 + tl.arange(0, BLOCK_I)
+        # Rows past i_end (another split's) are zero in u_hat, so they add nothing.
+        u_hat = _predictions_tile(x_ptr, W_ptr, b, tl.where(i_offs < i_end, i_offs, I), j_offs, d_offs,
+                                  I, J, D, K, HAS_W, ACC)
+        c = _coupling(tl.sum(u_hat * V[None, :, :], axis=2), j_valid)
+        s += tl.sum(c[:, :, None] * u_hat, axis=0)
+    return s
+
+
+@triton.jit
+def _routing_forward_kernel(
+    x_ptr,        # u (B, I, K) if HAS_W else u_hat (B, I, J, D), contiguous
+    W_ptr,        # W (I, J, D, K), contiguous; ignored unless HAS_W
+    v_ptr,        # out: v (B, J, D), input dtype (num_splits == 1 only)
+    s_ptr,        # out: s(r) (B, R, J, D) in the compute dtype; partial s (B, num_splits, J, D) if num_splits > 1
+    Vprev_ptr,    # out: V(r-1) (B, R, J, D) (num_splits == 1); in: V (B, J, D) for this iteration (num_splits > 1)
+    I, J, D, K, R,
+    num_splits,   # programs per batch element along grid axis 1
+    i_per_split,  # input capsules per program along grid axis 1
+    HAS_W: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    ACC: tl.constexpr = s_ptr.dtype.element_ty
+    j_offs = tl.arange(0, BLOCK_J)
+    d_offs = tl.arange(0, BLOCK_D)
+    jd_offs = j_offs[:, None] * D + d_offs[None, :]
+    jd_mask = (j_offs[:, None] < J) & (d_offs[None, :] < D)
+    state = b * R * J * D  # start of this element's (R, J, D) block
+
+    if num_splits == 1:
+        V = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
+        v = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
+        for r in range(R):
+            s = _accumulate_s(x_ptr, W_ptr, b, V, 0, I, j_offs, d_offs, I, J, D, K, HAS_W, ACC, BLOCK_I)
+            tl.store(s_ptr + state + r * J * D + jd_offs, s, mask=jd_mask)
+            tl.store(Vprev_ptr + state + r * J * D + jd_offs, V, mask=jd_mask)
+            v = _squash(s, SQUASH_EPS)
+            V += v
+        tl.store(v_ptr + b * J * D + jd_offs, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
+    else:
+        V = tl.load(Vprev_ptr + b * J * D + jd_offs, mask=jd_mask, other=0.0)
+        i_begin = split * i_per_split
+        i_end = tl.minimum(i_begin + i_per_split, I)
+        s = _accumulate_s(x_ptr, W_ptr, b, V, i_begin, i_end, j_offs, d_offs, I, J, D, K, HAS_W, ACC, BLOCK_I)
+        tl.store(s_ptr + (b * num_splits + split) * J * D + jd_offs, s, mask=jd_mask)
+
+
+@triton.jit
+def _accumulate_agreement_grad(
+    x_ptr, W_ptr, b, Vp, gs, i_begin, i_end, j_offs, d_offs, I, J, D, K,
+    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """A = sum over i in [i_begin, i_end) of g_b[i, j] u_hat[i, j] (DESIGN.md §3)."""
+    A = tl.zeros((j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
+    j_valid = (j_offs < J)[None, :]
+    for i0 in range(i_begin, i_end, BLOCK_I):
+        i_offs = i0 + tl.arange(0, BLOCK_I)
+        u_hat = _predictions_tile(x_ptr, W_ptr, b, tl.where(i_offs < i_end, i_offs, I), j_offs, d_offs,
+                                  I, J, D, K, HAS_W, ACC)
+        c = _coupling(tl.sum(u_hat * Vp[None, :, :], axis=2), j_valid)
+        g_c = tl.sum(u_hat * gs[None, :, :], axis=2)
+        g_b = c * (g_c - tl.sum(c * g_c, axis=1)[:, None])
+        A += tl.sum(g_b[:, :, None] * u_hat, axis=0)
+    return A
+
+
+@triton.jit
+def _routing_backward_reduce_kernel(
+    x_ptr,        # u (B, I, K) if HAS_W else u_hat (B, I, J, D)
+    W_ptr,        # W (I, J, D, K); ignored unless HAS_W
+    grad_v_ptr,   # in: dL/dv (B, J, D), contiguous, any float dtype (num_splits == 1)
+    s_ptr,        # in: s(r) (B, R, J, D) from the forward
+    Vprev_ptr,    # in: V(r-1) (B, R, J, D) from the forward
+    gs_ptr,       # out: g_s(r) (B, R, J, D) (num_splits == 1); in: g_s(r) for iteration `r_only` (num_splits > 1)
+    A_ptr,        # out: partial A(r_only) (B, num_splits, J, D) (num_splits > 1 only)
+    I, J, D, K, R,
+    r_only,       # the one iteration this launch reduces (num_splits > 1)
+    num_splits,
+    i_per_split,
+    HAS_W: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    ACC: tl.constexpr = s_ptr.dtype.element_ty
+    j_offs = tl.arange(0, BLOCK_J)
+    d_offs = tl.arange(0, BLOCK_D)
+    jd_offs = j_offs[:, None] * D + d_offs[None, :]
+    jd_mask = (j_offs[:, None] < J) & (d_offs[None, :] < D)
+    state = b * R * J * D
+
+    if num_splits == 1:
+        # Gradient reaching v(r): g_v for r = R, plus A(r') of every later iteration r' (they read V(r'-1)).
+        g_top = tl.load(grad_v_ptr + b * J * D + jd_offs, mask=jd_mask, other=0.0).to(ACC)
+        A_suffix = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
+        for rr in range(R):
+            r = R - 1 - rr
+            s = tl.load(s_ptr + state + r * J * D + jd_offs, mask=jd_mask, other=0.0)
+            gs = _squash_backward(s, A_suffix + g_top, SQUASH_EPS)
+            g_top = g_top * 0.0
+            tl.store(gs_ptr + state + r * J * D + jd_offs, gs, mask=jd_mask)
+            if r > 0:
+                Vp = tl.load(Vprev_ptr + state + r * J * D + jd_offs, mask=jd_mask, other=0.0)
+                A_suffix += _accumulate_agreement_grad(x_ptr, W_ptr, b, Vp, gs, 0, I, j_offs, d_offs,
+                                                       I, J, D, K, HAS_W, ACC, BLOCK_I)
+    else:
+        Vp = tl.load(Vprev_ptr + state + r_only * J * D + jd_offs, mask=jd_mask, other=0.0)
+        gs = tl.load(gs_ptr + state + r_only * J * D + jd_offs, mask=jd_mask, other=0.0)
+        i_begin = split * i_per_split
+        i_end = tl.minimum(i_begin + i_per_split, I)
+        A = _accumulate_agreement_grad(x_ptr, W_ptr, b, Vp, gs, i_begin, i_end, j_offs, d_offs,
+                                       I, J, D, K, HAS_W, ACC, BLOCK_I)
+        tl.store(A_ptr + (b * num_splits + split) * J * D + jd_offs, A, mask=jd_mask)
+
+
+@triton.jit
+def _routing_backward_inputs_kernel(
+    x_ptr,        # u (B, I, K) if HAS_W else u_hat (B, I, J, D)
+    W_ptr,        # W (I, J, D, K); ignored unless HAS_W
+    Vprev_ptr,    # in: V(r-1) (B, R, J, D)
+    gs_ptr,       # in: g_s(r) (B, R, J, D)
+    dx_ptr,       # out: du (B, I, K) if HAS_W else du_hat (B, I, J, D), input dtype
+    dW_ptr,       # out: dW partial (B_CHUNKS, I, J, D, K) in the compute dtype; ignored unless HAS_W
+    B, I, J, D, K, R,
+    b_per_chunk,  # batch elements per program along grid axis 2
+    HAS_W: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64)
+    k_chunk = tl.program_id(1).to(tl.int64)
+    b_chunk = tl.program_id(2).to(tl.int64)
+    ACC: tl.constexpr = Vprev_ptr.dtype.element_ty
+    j_offs = tl.arange(0, BLOCK_J)
+    d_offs = tl.arange(0, BLOCK_D)
+    k_offs = k_chunk * BLOCK_K + tl.arange(0, BLOCK_K)
+    jd_offs = j_offs[:, None] * D + d_offs[None, :]
+    jd_mask = (j_offs[:, None] < J) & (d_offs[None, :] < D)
+    j_valid = j_offs < J
+    k_mask = k_offs < K
+    i_row = i + tl.zeros((1,), dtype=tl.int64)  # the one input capsule, as a BLOCK_I = 1 tile
+    jdk_offs = ((i * J + j_offs[:, None, None]) * D + d_offs[None, :, None]) * K + k_offs[None, None, :]
+    jdk_mask = jd_mask[:, :, None] & k_mask[None, None, :]
+    if HAS_W:
+        W_chunk = tl.load(W_ptr + jdk_offs, mask=jdk_mask, other=0.0).to(ACC)
+        dW = tl.zeros((BLOCK_J, BLOCK_D, BLOCK_K), dtype=ACC)
+
+    b_begin = b_chunk * b_per_chunk
+    b_end = tl.minimum(b_begin + b_per_chunk, B)
+    for b in range(b_begin, b_end):
+        u_hat = tl.sum(_predictions_tile(x_ptr, W_ptr, b, i_row, j_offs, d_offs, I, J, D, K, HAS_W, ACC), axis=0)
+        du_hat = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
+        state = b * R * J * D
+        for r in range(R):
+            Vp = tl.load(Vprev_ptr + state + r * J * D + jd_offs, mask=jd_mask, other=0.0)
+            gs = tl.load(gs_ptr + state + r * J * D + jd_offs, mask=jd_mask, other=0.0)
+            c = tl.sum(_coupling(tl.sum(u_hat * Vp, axis=1)[None, :], j_valid[None, :]), axis=0)
+            g_c = tl.sum(u_hat * gs, axis=1)
+            g_b = c * (g_c - tl.sum(c * g_c, axis=0))
+            du_hat += c[:, None] * gs + g_b[:, None] * Vp
+        if HAS_W:
+            u_b = tl.load(x_ptr + (b * I + i) * K + k_offs, mask=k_mask, other=0.0).to(ACC)
+            dW += du_hat[:, :, None] * u_b[None, None, :]
+            du_b = tl.sum(tl.sum(W_chunk * du_hat[:, :, None], axis=0), axis=0)
+            tl.store(dx_ptr + (b * I + i) * K + k_offs, du_b.to(dx_ptr.dtype.element_ty), mask=k_mask)
+        else:
+            tl.store(dx_ptr + ((b * I + i) * J) * D + jd_offs, du_hat.to(dx_ptr.dtype.element_ty), mask=jd_mask)
+    if HAS_W:
+        tl.store(dW_ptr + b_chunk * I * J * D * K + jdk_offs, dW, mask=jdk_mask)

@@ -1,0 +1,201 @@
+"""Backend "triton" against the reference: values, gradients, edge cases, memory, registration.
+
+Without a GPU these run the real kernels in Triton's interpreter on CPU tensors
+(conftest.py sets TRITON_INTERPRET=1); on a GPU machine, on CUDA tensors.
+"""
+import pytest
+import torch
+
+import capsrouting
+from capsrouting import reference
+from capsrouting.backends import unavailable_reason
+
+from routing_checks import BAD_INPUT_CASES, assert_matches_reference, make_inputs
+
+pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None, reason=f"triton backend: {unavailable_reason('triton')}")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (B, I, Din, J, Dout, R): the paper's layer, odd I, J = 1, B = 1, the largest sizes, non-power-of-two J and D.
+SHAPES = {
+    "paper": (2, 1152, 8, 10, 16, 3),
+    "odd_I_1153": (1, 1153, 2, 3, 4, 2),
+    "odd_I_37_R1": (3, 37, 8, 10, 16, 1),
+    "J1_R5": (2, 37, 3, 1, 5, 5),
+    "B1": (1, 45, 8, 10, 16, 3),
+    "largest": (2, 19, 16, 64, 32, 2),
+    "non_pow2": (2, 23, 5, 33, 17, 3),
+    "non_pow2_small": (2, 23, 5, 20, 17, 3),  # within the float64 limit
+}
+
+
+def _case_ids(names):
+    return [pytest.param(SHAPES[n], id=n) for n in names]
+
+
+@pytest.mark.parametrize("shape", _case_ids(SHAPES))
+def test_float32_matches_reference(shape):
+    assert_matches_reference("triton", *shape, dtype=torch.float32, device=DEVICE)
+
+
+@pytest.mark.parametrize("shape", _case_ids(["odd_I_37_R1", "J1_R5", "B1", "non_pow2_small"]))
+def test_float64_matches_reference(shape):
+    assert_matches_reference("triton", *shape, dtype=torch.float64, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", _case_ids(["B1", "non_pow2"]))
+def test_half_types_within_twice_the_reference_error(shape, dtype):
+    assert_matches_reference("triton", *shape, dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("entry", ["capsule_routing", "route"])
+def test_small_batch_split_paths(monkeypatch, entry):
+    """Force the small-batch paths (input capsules split across programs, batch chunks for dW)."""
+    from capsrouting import triton_backend
+
+    monkeypatch.setattr(triton_backend, "_program_target", lambda device: 64)
+    B, I, Din, J, Dout = 2, 150, 8, 10, 16
+    cfg = triton_backend.launch_config(J, Dout, Din, element_size=8)
+    assert triton_backend.split_count(B, I, cfg.BLOCK_I, torch.device(DEVICE)) > 1
+    assert triton_backend.batch_chunks(B, I, 1, torch.device(DEVICE)) > 1
+    assert_matches_reference("triton", B, I, Din, J, Dout, 3, dtype=torch.float64, device=DEVICE, entries=(entry,))
+
+
+def test_gradcheck_float64():
+    u, W = make_inputs(2, 7, 3, 4, 5, torch.float64, DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: capsrouting.capsule_routing(a, b, 3, backend="triton"), (u, W))
+    u_hat = reference.predictions(u, W).detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: capsrouting.route(x, 2, backend="triton"), (u_hat,))
+
+
+def test_empty_batch():
+    u, W = make_inputs(0, 37, 8, 10, 16, torch.float32, DEVICE, requires_grad=True)
+    v = capsrouting.capsule_routing(u, W, 3, backend="triton")
+    assert v.shape == (0, 10, 16)
+    v.sum().backward()
+    assert torch.equal(W.grad, torch.zeros_like(W)) and u.grad.shape == u.shape
+
+
+def test_non_contiguous_inputs():
+    u, W = make_inputs(3, 20, 8, 6, 4, torch.float64, DEVICE)
+    u_nc = u.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    W_nc = W.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3).requires_grad_()
+    assert not u_nc.is_contiguous() and not W_nc.is_contiguous()
+    v = capsrouting.capsule_routing(u_nc, W_nc, 3, backend="triton")
+    u_r, W_r = u.clone().requires_grad_(), W.clone().requires_grad_()
+    v_ref = reference.capsule_routing(u_r, W_r, 3)
+    torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(v)
+    for got, want in zip(torch.autograd.grad(v, (u_nc, W_nc), g), torch.autograd.grad(v_ref, (u_r, W_r), g)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_weight_gradient_is_bitwise_reproducible(monkeypatch):
+    from capsrouting import triton_backend
+
+    monkeypatch.setattr(triton_backend, "_program_target", lambda device: 64)  # exercise the chunked dW sum too
+    u, W = make_inputs(5, 30, 8, 10, 16, torch.float32, DEVICE, requires_grad=True)
+    grads = []
+    for _ in range(2):
+        v = capsrouting.capsule_routing(u, W, 3, backend="triton")
+        grads.append(torch.autograd.grad(v.square().sum(), (u, W)))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def _largest_allocation_bytes(fn) -> int:
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        fn()
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    tree = prof.profiler.kineto_results.experimental_event_tree()
+    return max(n.extra_fields.alloc_size for n in walk(tree) if n.tag == _EventType.Allocation)
+
+
+@pytest.mark.parametrize("small_batch_paths", [False, True])
+def test_never_allocates_B_I_J_elements(monkeypatch, small_batch_paths):
+    from capsrouting import triton_backend
+
+    if small_batch_paths:
+        monkeypatch.setattr(triton_backend, "_program_target", lambda device: 64)
+    # D * Din < B, so that W and dW themselves are smaller than B*I*J elements.
+    B, I, Din, J, Dout = 8, 37, 2, 5, 2
+    u, W = make_inputs(B, I, Din, J, Dout, torch.float32, DEVICE, requires_grad=True)
+    limit = B * I * J * u.element_size()
+
+    def run(backend):
+        def fn():
+            v = capsrouting.capsule_routing(u, W, 3, backend=backend)
+            v.square().sum().backward()
+            u_hat = torch.randn(B, I, J, Dout, device=DEVICE)  # predictions given by the caller: theirs, not ours
+            capsrouting.route(u_hat.requires_grad_(), 3, backend=backend).sum().backward()
+
+        return fn
+
+    # The measurement can fail: the reference does allocate tensors of B*I*J elements and more.
+    assert _largest_allocation_bytes(run("torch")) >= limit
+    largest = _largest_allocation_bytes(lambda: capsrouting.capsule_routing(u, W, 3, backend="triton").square().sum().backward())
+    assert largest < limit, f"triton path allocated {largest} bytes, limit {limit}"
+
+
+def test_opcheck():
+    from capsrouting import triton_backend
+
+    u, W = make_inputs(2, 9, 3, 4, 5, torch.float32, DEVICE, requires_grad=True)
+    torch.library.opcheck(triton_backend.capsule_routing_op, (u, W, 3))
+    u_hat = reference.predictions(u, W).detach().requires_grad_()
+    torch.library.opcheck(triton_backend.route_op, (u_hat, 2))
+
+
+def test_torch_compile_capsnet_training_step_matches_eager():
+    from capsrouting.losses import capsnet_loss
+    from capsrouting.models import CapsNet
+
+    torch.manual_seed(0)
+    model = CapsNet(input_size=20, backend="triton").to(DEVICE)  # 128 primary capsules: quick under the interpreter
+    x = torch.rand(3, 1, 20, 20, device=DEVICE)
+    labels = torch.tensor([1, 7, 3], device=DEVICE)
+
+    def step(m):
+        out = m(x, labels)
+        loss = capsnet_loss(out, x, labels)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        return loss, out.lengths, grads
+
+    eager = step(model)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")(model)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-5)
+    for got, want in zip(compiled[2], eager[2]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_choice():
+    u, W = make_inputs(2, 5, 3, 4, 5, torch.float32, DEVICE)
+    from capsrouting.backends import resolve
+
+    expected = "triton" if DEVICE == "cuda" else "torch"  # the interpreter is for testing, never chosen automatically
+    assert resolve("auto", u, W).name == expected
+    too_big = torch.zeros(2, 3, 65, 4)
+    assert resolve("auto", too_big).name != "triton"
+    with pytest.raises(ValueError, match="J <= 64"):
+        capsrouting.route(too_big, backend="triton")
+    too_big_f64 = torch.zeros(2, 3, 64, 32, dtype=torch.float64)
+    assert resolve("auto", too_big_f64).name != "triton"
+    with pytest.raises(ValueError, match="float64 up to 1024"):
+        capsrouting.route(too_big_f64, backend="triton")
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_CASES, ids=[c[0] for c in BAD_INPUT_CASES])
+def test_bad_input_same_errors_as_reference(case):
+    _, call, exc, msg = case
+    with pytest.raises(exc, match=msg):
+        call("triton")
