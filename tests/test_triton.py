@@ -54,7 +54,7 @@ def test_small_batch_split_paths(monkeypatch, entry):
     """Force the small-batch paths (input capsules split across programs, batch chunks for dW)."""
     from capsrouting import triton_backend
 
-    monkeypatch.setattr(triton_backend, "_program_target", lambda device: 64)
+    monkeypatch.setattr(triton_backend, "_program_target", lambda device: 256)
     B, I, Din, J, Dout = 2, 150, 8, 10, 16
     cfg = triton_backend.launch_config(J, Dout, Din, element_size=8)
     assert triton_backend.split_count(B, I, cfg.BLOCK_I, torch.device(DEVICE)) > 1
