@@ -33,9 +33,15 @@ def _case_ids(names):
     return [pytest.param(SHAPES[n], id=n) for n in names]
 
 
-@pytest.mark.parametrize("shape", _case_ids(SHAPES))
-def test_float32_matches_reference(shape):
-    assert_matches_reference("triton", *shape, dtype=torch.float32, device=DEVICE)
+# The two largest run only the capsule_routing entry point: route shares its kernels and,
+# under the interpreter, would double the two slowest tests of the suite.
+_ONE_ENTRY = {"paper", "odd_I_1153"}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_float32_matches_reference(name):
+    entries = ("capsule_routing",) if name in _ONE_ENTRY else ("capsule_routing", "route")
+    assert_matches_reference("triton", *SHAPES[name], dtype=torch.float32, device=DEVICE, entries=entries)
 
 
 @pytest.mark.parametrize("shape", _case_ids(["odd_I_37_R1", "J1_R5", "B1", "non_pow2_small"]))
