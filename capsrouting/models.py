@@ -79,7 +79,8 @@ def _check_labels(labels, batch_size: int, num_classes: int) -> None:
         raise TypeError(f"labels must have dtype torch.int64, got {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != batch_size:
         raise ValueError(f"labels must have shape (B,) = ({batch_size},), got shape {tuple(labels.shape)}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    # The value check reads the data back: skipped while torch.compile traces (it would break the graph).
+    if labels.numel() and not torch.compiler.is_compiling() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(
             f"labels must lie in [0, {num_classes}), got values in [{int(labels.min())}, {int(labels.max())}]"
         )

@@ -135,12 +135,17 @@ def split_count(B: int, I: int, block_i: int, device: torch.device) -> int:
     return max(1, min(wanted, -(-I // (4 * block_i))))  # at least four tiles per slice
 
 
-def batch_chunks(B: int, I: int, k_chunks: int, device: torch.device) -> int:
-    """Batch chunks for the input-gradient kernel when I x K-chunks alone leave the device idle."""
+def batch_chunks(B: int, I: int, k_chunks: int, weights_per_pair: int, device: torch.device) -> int:
+    """Batch chunks for the input-gradient kernel when I x K-chunks alone leave the device idle.
+
+    Each chunk holds a partial dW of I*J*weights_per_pair elements (weights_per_pair = Dout*Din);
+    their number is capped so that all of them together stay below B*I*J elements.
+    """
     programs = I * k_chunks
     if B == 0 or programs >= _program_target(device):
         return 1
-    return max(1, min(B, _MAX_BATCH_CHUNKS, -(-_program_target(device) // programs)))
+    memory_cap = (B - 1) // weights_per_pair
+    return max(1, min(memory_cap, _MAX_BATCH_CHUNKS, -(-_program_target(device) // programs)))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -258,7 +263,7 @@ def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, sp
                     A_suffix = A_suffix + partial.sum(dim=1)
         # Phase 2: per input capsule, du (or du_hat) for every element and dW accumulated over the batch.
         k_chunks = -(-K // cfg.BLOCK_K) if has_w else 1
-        chunks = batch_chunks(B, I, k_chunks, x.device)
+        chunks = batch_chunks(B, I, k_chunks, D * K, x.device) if has_w else 1
         b_per_chunk = -(-B // chunks)
         chunks = -(-B // b_per_chunk)
         dW_partial = torch.empty(chunks, *W.shape, device=x.device, dtype=acc) if has_w else x

@@ -57,15 +57,24 @@ def test_half_types_within_twice_the_reference_error(shape, dtype):
 
 @pytest.mark.parametrize("entry", ["capsule_routing", "route"])
 def test_small_batch_split_paths(monkeypatch, entry):
-    """Force the small-batch paths (input capsules split across programs, batch chunks for dW)."""
+    """Force the small-batch path: input capsules split across programs."""
     from capsrouting import triton_backend
 
     monkeypatch.setattr(triton_backend, "_program_target", lambda device: 256)
     B, I, Din, J, Dout = 2, 150, 8, 10, 16
     cfg = triton_backend.launch_config(J, Dout, Din, element_size=8)
     assert triton_backend.split_count(B, I, cfg.BLOCK_I, torch.device(DEVICE)) > 1
-    assert triton_backend.batch_chunks(B, I, 1, torch.device(DEVICE)) > 1
     assert_matches_reference("triton", B, I, Din, J, Dout, 3, dtype=torch.float64, device=DEVICE, entries=(entry,))
+
+
+def test_batch_chunked_weight_gradient(monkeypatch):
+    """Force the batch-chunked dW path (few input capsules, many batch elements)."""
+    from capsrouting import triton_backend
+
+    monkeypatch.setattr(triton_backend, "_program_target", lambda device: 64)
+    B, I, Din, J, Dout = 17, 30, 2, 10, 4
+    assert triton_backend.batch_chunks(B, I, 1, Dout * Din, torch.device(DEVICE)) > 1
+    assert_matches_reference("triton", B, I, Din, J, Dout, 3, dtype=torch.float64, device=DEVICE, entries=("capsule_routing",))
 
 
 def test_gradcheck_float64():
@@ -101,7 +110,8 @@ def test_weight_gradient_is_bitwise_reproducible(monkeypatch):
     from capsrouting import triton_backend
 
     monkeypatch.setattr(triton_backend, "_program_target", lambda device: 64)  # exercise the chunked dW sum too
-    u, W = make_inputs(5, 30, 8, 10, 16, torch.float32, DEVICE, requires_grad=True)
+    u, W = make_inputs(17, 30, 2, 10, 4, torch.float32, DEVICE, requires_grad=True)
+    assert triton_backend.batch_chunks(17, 30, 1, 4 * 2, torch.device(DEVICE)) > 1
     grads = []
     for _ in range(2):
         v = capsrouting.capsule_routing(u, W, 3, backend="triton")
@@ -170,14 +180,19 @@ def test_torch_compile_capsnet_training_step_matches_eager():
     x = torch.rand(3, 1, 20, 20, device=DEVICE)
     labels = torch.tensor([1, 7, 3], device=DEVICE)
 
-    def step(m):
+    def loss_and_lengths(m):
         out = m(x, labels)
-        loss = capsnet_loss(out, x, labels)
-        grads = torch.autograd.grad(loss, list(model.parameters()))
-        return loss, out.lengths, grads
+        return capsnet_loss(out, x, labels), out.lengths
 
-    eager = step(model)
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")(model)
+    def step(fn):
+        # The backward of a compiled function is compiled too (AOTAutograd), so gradients
+        # taken outside it still run through the traced backward ops.
+        loss, lengths = fn(model)
+        return loss, lengths, torch.autograd.grad(loss, list(model.parameters()))
+
+    eager = step(loss_and_lengths)
+    compiled_fn = torch.compile(loss_and_lengths, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
+    compiled = step(compiled_fn)
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-5)
     for got, want in zip(compiled[2], eager[2]):
