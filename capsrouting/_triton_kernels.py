@@ -53,21 +53,26 @@ SQUASH_EPS = tl.constexpr(1e-8)  # as in reference.squash
 
 @triton.jit
 def _predictions_tile(
-    x_ptr, W_ptr, b, i_offs, j_offs, d_offs, I, J, D, K,
-    HAS_W: tl.constexpr, ACC: tl.constexpr,
+    x_ptr, W_ptr, b, i0, i_end, j_offs, d_offs, I, J, D, K,
+    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    """u_hat[b, i_offs, j_offs, d_offs] as a (BLOCK_I, BLOCK_J, BLOCK_D) tile, zero outside."""
+    """u_hat[b, i0:i0+BLOCK_I, j_offs, d_offs] as a (BLOCK_I, BLOCK_J, BLOCK_D) tile.
+
+    Rows at or past i_end (<= I; another program's slice) and padded j, d are zero,
+    so they add nothing to any sum over the tile.
+    """
+    i_offs = i0 + tl.arange(0, BLOCK_I)
     i3 = i_offs[:, None, None]
     j3 = j_offs[None, :, None]
     d3 = d_offs[None, None, :]
-    mask = (i3 < I) & (j3 < J) & (d3 < D)
+    mask = (i3 < i_end) & (j3 < J) & (d3 < D)
     if HAS_W:
         # x is u (B, I, K); W is (I, J, D, K): one matrix-vector product per (i, j).
-        acc = tl.zeros((i_offs.shape[0], j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
+        acc = tl.zeros((BLOCK_I, j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
         u_row = x_ptr + (b * I + i_offs) * K
         w_row = W_ptr + ((i3 * J + j3) * D + d3) * K
         for k in range(K):
-            u_k = tl.load(u_row + k, mask=i_offs < I, other=0.0).to(ACC)
+            u_k = tl.load(u_row + k, mask=i_offs < i_end, other=0.0).to(ACC)
             w_k = tl.load(w_row + k, mask=mask, other=0.0).to(ACC)
             acc += w_k * u_k[:, None, None]
         return acc
@@ -75,6 +80,23 @@ def _predictions_tile(
         # x is u_hat (B, I, J, D).
         offs = ((b * I + i3) * J + j3) * D + d3
         return tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _jd_block(J, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets and mask of a (BLOCK_J, BLOCK_D) block over a contiguous J x D state."""
+    j_offs = tl.arange(0, BLOCK_J)
+    d_offs = tl.arange(0, BLOCK_D)
+    jd_offs = j_offs[:, None] * D + d_offs[None, :]
+    jd_mask = (j_offs[:, None] < J) & (d_offs[None, :] < D)
+    return j_offs, d_offs, jd_offs, jd_mask
+
+
+@triton.jit
+def _split_range(split, i_per_split, I):
+    """The input capsules [i_begin, i_end) of program `split` along grid axis 1."""
+    i_begin = split * i_per_split
+    return i_begin, tl.minimum(i_begin + i_per_split, I)
 
 
 @triton.jit
@@ -119,10 +141,7 @@ def _accumulate_s(
     s = tl.zeros((j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
     j_valid = (j_offs < J)[None, :]
     for i0 in range(i_begin, i_end, BLOCK_I):
-        i_offs = i0 + tl.arange(0, BLOCK_I)
-        # Rows past i_end (another split's) are zero in u_hat, so they add nothing.
-        u_hat = _predictions_tile(x_ptr, W_ptr, b, tl.where(i_offs < i_end, i_offs, I), j_offs, d_offs,
-                                  I, J, D, K, HAS_W, ACC)
+        u_hat = _predictions_tile(x_ptr, W_ptr, b, i0, i_end, j_offs, d_offs, I, J, D, K, HAS_W, ACC, BLOCK_I)
         c = _coupling(tl.sum(u_hat * V[None, :, :], axis=2), j_valid)
         s += tl.sum(c[:, :, None] * u_hat, axis=0)
     return s
@@ -146,10 +165,7 @@ def _routing_forward_kernel(
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     ACC: tl.constexpr = s_ptr.dtype.element_ty
-    j_offs = tl.arange(0, BLOCK_J)
-    d_offs = tl.arange(0, BLOCK_D)
-    jd_offs = j_offs[:, None] * D + d_offs[None, :]
-    jd_mask = (j_offs[:, None] < J) & (d_offs[None, :] < D)
+    j_offs, d_offs, jd_offs, jd_mask = _jd_block(J, D, BLOCK_J, BLOCK_D)
     state = b * R * J * D  # start of this element's (R, J, D) block
 
     if num_splits == 1:
@@ -164,8 +180,7 @@ def _routing_forward_kernel(
         tl.store(v_ptr + b * J * D + jd_offs, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
     else:
         V = tl.load(Vprev_ptr + b * J * D + jd_offs, mask=jd_mask, other=0.0)
-        i_begin = split * i_per_split
-        i_end = tl.minimum(i_begin + i_per_split, I)
+        i_begin, i_end = _split_range(split, i_per_split, I)
         s = _accumulate_s(x_ptr, W_ptr, b, V, i_begin, i_end, j_offs, d_offs, I, J, D, K, HAS_W, ACC, BLOCK_I)
         tl.store(s_ptr + (b * num_splits + split) * J * D + jd_offs, s, mask=jd_mask)
 
@@ -179,9 +194,7 @@ def _accumulate_agreement_grad(
     A = tl.zeros((j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
     j_valid = (j_offs < J)[None, :]
     for i0 in range(i_begin, i_end, BLOCK_I):
-        i_offs = i0 + tl.arange(0, BLOCK_I)
-        u_hat = _predictions_tile(x_ptr, W_ptr, b, tl.where(i_offs < i_end, i_offs, I), j_offs, d_offs,
-                                  I, J, D, K, HAS_W, ACC)
+        u_hat = _predictions_tile(x_ptr, W_ptr, b, i0, i_end, j_offs, d_offs, I, J, D, K, HAS_W, ACC, BLOCK_I)
         c = _coupling(tl.sum(u_hat * Vp[None, :, :], axis=2), j_valid)
         g_c = tl.sum(u_hat * gs[None, :, :], axis=2)
         g_b = c * (g_c - tl.sum(c * g_c, axis=1)[:, None])
@@ -210,10 +223,7 @@ def _routing_backward_reduce_kernel(
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     ACC: tl.constexpr = s_ptr.dtype.element_ty
-    j_offs = tl.arange(0, BLOCK_J)
-    d_offs = tl.arange(0, BLOCK_D)
-    jd_offs = j_offs[:, None] * D + d_offs[None, :]
-    jd_mask = (j_offs[:, None] < J) & (d_offs[None, :] < D)
+    j_offs, d_offs, jd_offs, jd_mask = _jd_block(J, D, BLOCK_J, BLOCK_D)
     state = b * R * J * D
 
     if num_splits == 1:
@@ -233,8 +243,7 @@ def _routing_backward_reduce_kernel(
     else:
         Vp = tl.load(Vprev_ptr + state + r_only * J * D + jd_offs, mask=jd_mask, other=0.0)
         gs = tl.load(gs_ptr + state + r_only * J * D + jd_offs, mask=jd_mask, other=0.0)
-        i_begin = split * i_per_split
-        i_end = tl.minimum(i_begin + i_per_split, I)
+        i_begin, i_end = _split_range(split, i_per_split, I)
         A = _accumulate_agreement_grad(x_ptr, W_ptr, b, Vp, gs, i_begin, i_end, j_offs, d_offs,
                                        I, J, D, K, HAS_W, ACC, BLOCK_I)
         tl.store(A_ptr + (b * num_splits + split) * J * D + jd_offs, A, mask=jd_mask)
@@ -259,14 +268,10 @@ def _routing_backward_inputs_kernel(
     k_chunk = tl.program_id(1).to(tl.int64)
     b_chunk = tl.program_id(2).to(tl.int64)
     ACC: tl.constexpr = Vprev_ptr.dtype.element_ty
-    j_offs = tl.arange(0, BLOCK_J)
-    d_offs = tl.arange(0, BLOCK_D)
+    j_offs, d_offs, jd_offs, jd_mask = _jd_block(J, D, BLOCK_J, BLOCK_D)
     k_offs = k_chunk * BLOCK_K + tl.arange(0, BLOCK_K)
-    jd_offs = j_offs[:, None] * D + d_offs[None, :]
-    jd_mask = (j_offs[:, None] < J) & (d_offs[None, :] < D)
     j_valid = j_offs < J
     k_mask = k_offs < K
-    i_row = i + tl.zeros((1,), dtype=tl.int64)  # the one input capsule, as a BLOCK_I = 1 tile
     jdk_offs = ((i * J + j_offs[:, None, None]) * D + d_offs[None, :, None]) * K + k_offs[None, None, :]
     jdk_mask = jd_mask[:, :, None] & k_mask[None, None, :]
     if HAS_W:
@@ -276,7 +281,8 @@ def _routing_backward_inputs_kernel(
     b_begin = b_chunk * b_per_chunk
     b_end = tl.minimum(b_begin + b_per_chunk, B)
     for b in range(b_begin, b_end):
-        u_hat = tl.sum(_predictions_tile(x_ptr, W_ptr, b, i_row, j_offs, d_offs, I, J, D, K, HAS_W, ACC), axis=0)
+        # The one input capsule i as a BLOCK_I = 1 tile, squeezed to (BLOCK_J, BLOCK_D).
+        u_hat = tl.sum(_predictions_tile(x_ptr, W_ptr, b, i, i + 1, j_offs, d_offs, I, J, D, K, HAS_W, ACC, 1), axis=0)
         du_hat = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
         state = b * R * J * D
         for r in range(R):
