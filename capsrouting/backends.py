@@ -53,6 +53,11 @@ def unavailable_reason(name: str) -> Optional[str]:
         return f"probe failed: {type(exc).__name__}: {exc}"
 
 
+def get(name: str) -> Backend:
+    """The registered backend called ``name`` (KeyError if none is)."""
+    return _REGISTRY[name]
+
+
 def available_backends() -> list:
     """Names of the backends usable right now, in registration order."""
     return [name for name in _REGISTRY if unavailable_reason(name) is None]

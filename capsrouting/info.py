@@ -59,8 +59,8 @@ def main() -> int:
         if reason is not None:
             print(f"  {name:7s} unavailable: {reason}")
             continue
-        print(f"  {name:7s} available: {backends._REGISTRY[name].description}")
-        for device in backends._REGISTRY[name].device_types():
+        print(f"  {name:7s} available: {backends.get(name).description}")
+        for device in backends.get(name).device_types():
             if device == "cuda" and not torch.cuda.is_available():
                 continue
             try:

@@ -6,6 +6,7 @@ traces them without a graph break; with the Triton interpreter
 (``TRITON_INTERPRET=1``) they also run on CPU tensors, which is how they are
 tested without a GPU.
 """
+import contextlib
 import dataclasses
 import os
 from typing import Optional, Tuple
@@ -14,6 +15,7 @@ import torch
 
 from ._autograd import register_routing_autograd
 from .backends import Backend, register
+from .reference import SQUASH_EPS, squash
 
 # Largest sizes the kernels are compiled and tested for.
 MAX_J, MAX_DOUT, MAX_DIN = 64, 32, 16
@@ -159,15 +161,7 @@ def _kernels():
 
 
 def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _shape(x: torch.Tensor, W: Optional[torch.Tensor]):
@@ -211,16 +205,10 @@ def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: 
             s = partial.sum(dim=1)
             s_saved[:, r] = s
             Vprev_saved[:, r] = V
-            out = _squash(s)
+            out = squash(s)
             V = V + out
         v.copy_(out)
     return v, s_saved, Vprev_saved
-
-
-def _squash(s: torch.Tensor) -> torch.Tensor:
-    from .reference import squash
-
-    return squash(s)
 
 
 def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, splits: Optional[int] = None):
@@ -278,8 +266,7 @@ def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, sp
 
 def _squash_backward(s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Row-wise gradient of squash at s (the same formula as the kernel's)."""
-    from .reference import SQUASH_EPS as eps
-
+    eps = SQUASH_EPS
     x = (s * s).sum(-1, keepdim=True)
     sg = (s * g).sum(-1, keepdim=True)
     root = torch.sqrt(x + eps)
