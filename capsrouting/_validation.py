@@ -70,3 +70,18 @@ def check_squash_args(s, dim) -> None:
         raise ValueError("s must have at least one dimension, got a 0-dim tensor")
     if not -s.dim() <= dim < s.dim():
         raise ValueError(f"dim must be in [{-s.dim()}, {s.dim() - 1}] for s of shape {tuple(s.shape)}, got {dim}")
+
+
+def check_labels(labels, batch_size: int, num_classes: int) -> None:
+    """labels must be an int64 tensor of shape (batch_size,) with values in [0, num_classes)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of shape (B,), got {type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must have dtype torch.int64, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != batch_size:
+        raise ValueError(f"labels must have shape (B,) = ({batch_size},), got shape {tuple(labels.shape)}")
+    # The value check reads the data back: skipped while torch.compile traces (it would break the graph).
+    if labels.numel() and not torch.compiler.is_compiling() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got values in [{int(labels.min())}, {int(labels.max())}]"
+        )

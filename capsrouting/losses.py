@@ -11,6 +11,8 @@
 """
 import torch
 
+from ._validation import check_labels
+
 __all__ = ["margin_loss", "reconstruction_loss", "capsnet_loss"]
 
 
@@ -33,15 +35,7 @@ def margin_loss(
     if lengths.dim() != 2:
         raise ValueError(f"lengths must have shape (B, num_classes), got shape {tuple(lengths.shape)}")
     B, K = lengths.shape
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor of shape (B,), got {type(labels).__name__}")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"labels must have dtype torch.int64, got {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != B:
-        raise ValueError(f"labels must have shape (B,) = ({B},) to match lengths, got shape {tuple(labels.shape)}")
-    # The value check reads the data back: skipped while torch.compile traces (it would break the graph).
-    if labels.numel() and not torch.compiler.is_compiling() and (int(labels.min()) < 0 or int(labels.max()) >= K):
-        raise ValueError(f"labels must lie in [0, {K}), got values in [{int(labels.min())}, {int(labels.max())}]")
+    check_labels(labels, B, K)
 
     targets = torch.nn.functional.one_hot(labels, K).to(lengths.dtype)  # T_k
     present = torch.clamp(m_plus - lengths, min=0.0) ** 2

@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from ._validation import check_num_iterations
+from ._validation import check_labels, check_num_iterations
 from .functional import squash
 from .layer import CapsuleLayer
 
@@ -69,21 +69,6 @@ def _check_images(x, input_size: int) -> None:
     if not x.is_floating_point():
         # uint8 pixels would also silently change the scale the decoder is trained against.
         raise TypeError(f"x must have a floating-point dtype (pixels in [0, 1]), got {x.dtype}")
-
-
-def _check_labels(labels, batch_size: int, num_classes: int) -> None:
-    """labels must be an int64 tensor of shape (B,) with values in [0, num_classes)."""
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor of shape (B,), got {type(labels).__name__}")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"labels must have dtype torch.int64, got {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != batch_size:
-        raise ValueError(f"labels must have shape (B,) = ({batch_size},), got shape {tuple(labels.shape)}")
-    # The value check reads the data back: skipped while torch.compile traces (it would break the graph).
-    if labels.numel() and not torch.compiler.is_compiling() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(
-            f"labels must lie in [0, {num_classes}), got values in [{int(labels.min())}, {int(labels.max())}]"
-        )
 
 
 def primary_grid_size(input_size: int) -> int:
@@ -177,7 +162,7 @@ class CapsNet(nn.Module):
     def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> CapsNetOutput:
         _check_images(x, self.input_size)
         if labels is not None:
-            _check_labels(labels, x.shape[0], self.num_classes)
+            check_labels(labels, x.shape[0], self.num_classes)
 
         v = self.digit_caps(self.primary_capsules(x))  # (B, num_classes, 16)
         lengths = torch.linalg.vector_norm(v, dim=-1)  # (B, num_classes), < 1 by the squash
