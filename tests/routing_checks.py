@@ -67,16 +67,31 @@ def assert_matches_reference(backend, B, I, Din, J, Dout, R, *, dtype, device, e
         _compare(f"{backend} route", [t.cpu() for t in got], want, native, dtype)
 
 
+def _routing(u, W, num_iterations=3):
+    return lambda backend: capsrouting.capsule_routing(u, W, num_iterations, backend=backend)
+
+
+def _route(u_hat, num_iterations=3):
+    return lambda backend: capsrouting.route(u_hat, num_iterations, backend=backend)
+
+
+_u, _W = torch.randn(2, 5, 3), torch.randn(5, 4, 6, 3)
+
 # (id, call(backend), exception, message): every bad input of the API contract, for any backend.
 BAD_INPUT_CASES = [
-    ("u_rank", lambda be: capsrouting.capsule_routing(torch.randn(2, 5), torch.randn(5, 4, 6, 3), backend=be), ValueError, r"u must have shape"),
-    ("W_rank", lambda be: capsrouting.capsule_routing(torch.randn(2, 5, 3), torch.randn(5, 4, 6), backend=be), ValueError, r"W must have shape"),
-    ("I_mismatch", lambda be: capsrouting.capsule_routing(torch.randn(2, 5, 3), torch.randn(6, 4, 6, 3), backend=be), ValueError, r"I = u.shape\[1\]"),
-    ("Din_mismatch", lambda be: capsrouting.capsule_routing(torch.randn(2, 5, 3), torch.randn(5, 4, 6, 2), backend=be), ValueError, r"Din = u.shape\[2\]"),
-    ("int_dtype", lambda be: capsrouting.capsule_routing(torch.ones(2, 5, 3, dtype=torch.int64), torch.randn(5, 4, 6, 3), backend=be), TypeError, "u must have dtype"),
-    ("mixed_dtype", lambda be: capsrouting.capsule_routing(torch.randn(2, 5, 3), torch.randn(5, 4, 6, 3).double(), backend=be), TypeError, "same dtype"),
-    ("mixed_device", lambda be: capsrouting.capsule_routing(torch.randn(2, 5, 3), torch.randn(5, 4, 6, 3, device="meta"), backend=be), ValueError, "same device"),
-    ("zero_iterations", lambda be: capsrouting.capsule_routing(torch.randn(2, 5, 3), torch.randn(5, 4, 6, 3), 0, backend=be), ValueError, "num_iterations"),
-    ("route_rank", lambda be: capsrouting.route(torch.randn(2, 5, 3), backend=be), ValueError, r"u_hat must have shape"),
-    ("route_int", lambda be: capsrouting.route(torch.ones(2, 5, 3, 4, dtype=torch.int32), backend=be), TypeError, "u_hat must have dtype"),
+    ("u_rank", _routing(torch.randn(2, 5), _W), ValueError, r"u must have shape \(B, I, Din\)"),
+    ("W_rank", _routing(_u, torch.randn(5, 4, 6)), ValueError, r"W must have shape \(I, J, Dout, Din\)"),
+    ("I_mismatch", _routing(_u, torch.randn(6, 4, 6, 3)), ValueError, r"I = u.shape\[1\] = 5"),
+    ("Din_mismatch", _routing(_u, torch.randn(5, 4, 6, 2)), ValueError, r"Din = u.shape\[2\] = 3"),
+    ("int_u", _routing(torch.ones(2, 5, 3, dtype=torch.int64), _W), TypeError, "u must have dtype"),
+    ("int_W", _routing(_u, torch.ones(5, 4, 6, 3, dtype=torch.int32)), TypeError, "W must have dtype"),
+    ("mixed_dtype", _routing(_u, _W.double()), TypeError, "same dtype"),
+    ("mixed_device", _routing(_u, torch.randn(5, 4, 6, 3, device="meta")), ValueError, "same device"),
+    ("zero_iterations", _routing(_u, _W, 0), ValueError, "num_iterations must be >= 1"),
+    ("float_iterations", _routing(_u, _W, 2.0), TypeError, "num_iterations must be an int"),
+    ("empty_J", _routing(_u, torch.randn(5, 0, 6, 3)), ValueError, "every dimension but the batch"),
+    ("u_not_a_tensor", _routing([[1.0]], _W), TypeError, "u must be a torch.Tensor"),
+    ("route_rank", _route(torch.randn(2, 5, 3)), ValueError, r"u_hat must have shape \(B, I, J, D\)"),
+    ("route_int", _route(torch.ones(2, 5, 3, 4, dtype=torch.int32)), TypeError, "u_hat must have dtype"),
+    ("route_negative_iterations", _route(torch.randn(2, 5, 3, 4), -1), ValueError, "num_iterations"),
 ]

@@ -8,6 +8,7 @@ import capsrouting
 from capsrouting import reference
 
 from conftest import DEVICES
+from routing_checks import BAD_INPUT_CASES
 
 
 def _uW(B=2, I=5, Din=3, J=4, Dout=6, dtype=torch.float32, device="cpu"):
@@ -67,48 +68,12 @@ def test_squash_public():
         capsrouting.squash(s, dim=3)
 
 
-BAD_CAPSULE_ROUTING = [
-    # (description, u, W, num_iterations, exception, message fragment)
-    ("u rank", torch.randn(2, 5), torch.randn(5, 4, 6, 3), 3, ValueError, r"u must have shape \(B, I, Din\)"),
-    ("W rank", torch.randn(2, 5, 3), torch.randn(5, 4, 6), 3, ValueError, r"W must have shape \(I, J, Dout, Din\)"),
-    ("I mismatch", torch.randn(2, 5, 3), torch.randn(6, 4, 6, 3), 3, ValueError, r"I = u.shape\[1\] = 5"),
-    ("Din mismatch", torch.randn(2, 5, 3), torch.randn(5, 4, 6, 2), 3, ValueError, r"Din = u.shape\[2\] = 3"),
-    ("integer u", torch.ones(2, 5, 3, dtype=torch.int64), torch.randn(5, 4, 6, 3), 3, TypeError, "u must have dtype"),
-    ("integer W", torch.randn(2, 5, 3), torch.ones(5, 4, 6, 3, dtype=torch.int32), 3, TypeError, "W must have dtype"),
-    ("dtype mismatch", torch.randn(2, 5, 3), torch.randn(5, 4, 6, 3, dtype=torch.float64), 3, TypeError, "same dtype"),
-    ("zero iterations", torch.randn(2, 5, 3), torch.randn(5, 4, 6, 3), 0, ValueError, "num_iterations must be >= 1"),
-    ("float iterations", torch.randn(2, 5, 3), torch.randn(5, 4, 6, 3), 2.0, TypeError, "num_iterations must be an int"),
-    ("empty J", torch.randn(2, 5, 3), torch.randn(5, 0, 6, 3), 3, ValueError, "every dimension but the batch"),
-    ("not a tensor", [[1.0]], torch.randn(5, 4, 6, 3), 3, TypeError, "u must be a torch.Tensor"),
-]
-
-
-@pytest.mark.parametrize("case", BAD_CAPSULE_ROUTING, ids=[c[0] for c in BAD_CAPSULE_ROUTING])
+@pytest.mark.parametrize("case", BAD_INPUT_CASES, ids=[c[0] for c in BAD_INPUT_CASES])
 @pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_bad_capsule_routing_input(case, backend):
-    _, u, W, iters, exc, msg = case
+def test_bad_input(case, backend):
+    _, call, exc, msg = case
     with pytest.raises(exc, match=msg):
-        capsrouting.capsule_routing(u, W, iters, backend=backend)
-
-
-def test_different_devices_rejected():
-    u, W = _uW()
-    W = W.to("meta")
-    with pytest.raises(ValueError, match="same device"):
-        capsrouting.capsule_routing(u, W)
-
-
-@pytest.mark.parametrize(
-    "u_hat, iters, exc, msg",
-    [
-        (torch.randn(2, 5, 3), 3, ValueError, r"u_hat must have shape \(B, I, J, D\)"),
-        (torch.ones(2, 5, 3, 4, dtype=torch.int64), 3, TypeError, "u_hat must have dtype"),
-        (torch.randn(2, 5, 3, 4), -1, ValueError, "num_iterations"),
-    ],
-)
-def test_bad_route_input(u_hat, iters, exc, msg):
-    with pytest.raises(exc, match=msg):
-        capsrouting.route(u_hat, iters)
+        call(backend)
 
 
 def test_unknown_and_unavailable_backends_explain_themselves():
