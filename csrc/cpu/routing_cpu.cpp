@@ -1,0 +1,470 @@
+// CPU kernels of the routing ops: DESIGN.md §2-§3 on a multicore CPU.
+//
+// Layout. Batch elements are processed kLanes at a time (a "chunk"). Every per-element
+// quantity (a row of predictions, V, s, logits, couplings) is stored lane-minor,
+// x[row][lane], so each inner loop is a vertical loop over the kLanes elements of a
+// chunk: no reduction runs along the vectorized dimension and the compiler emits plain
+// SIMD multiply-adds. Padded lanes (B not a multiple of kLanes) carry zeros throughout.
+//
+// Forward, parallel over groups of kGroup chunks. Per routing iteration, one pass over
+// the input capsules i; for each i and chunk the predictions are rebuilt from W[i] into
+// a (J*Dout, kLanes) tile -- never u_hat as a whole -- followed by the logits against V,
+// the softmax over j and the accumulation of s. A group shares each read of W[i]
+// (J*Dout*Din numbers): one stream of W per group and iteration, not per element.
+// State per chunk between iterations: V and s, J*Dout*kLanes numbers each.
+//
+// Backward phase 1, parallel over groups of chunks: passes r = R-1..1 over the input
+// capsules that only reduce A(r), giving g_s(r) for every r (lane-minor buffers, B*R*J*Dout).
+// Phase 2, parallel over input capsules: for each i and every chunk in batch order,
+// rebuild the tile, sum du_hat over the iterations, write du, and accumulate dW[i].
+// Each dW[i] belongs to one thread and is summed over the batch in a fixed order, so dW
+// has the same bits whatever the number of threads.
+//
+// Accumulation type acc_t: float for float/half/bfloat16 input, double for double.
+#include "routing_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../routing_math.h"
+
+namespace capsrouting::cpu {
+namespace {
+
+// Batch elements per chunk: the SIMD dimension of every inner loop.
+constexpr int64_t kLanes = 16;
+// Chunks that share one read of W[i] in a pass; their state (2 tiles each) stays in L2.
+constexpr int64_t kGroup = 4;
+
+// Columns of Din handled together in the backward: one accumulator register each.
+constexpr int64_t kBlockK = 4;
+
+// kLanes numbers, one per batch element of a chunk, as one GCC/Clang vector: the compiler
+// maps its arithmetic onto whatever SIMD width the target has (AVX-512, AVX2, SSE, NEON).
+// Alignment is capped at 64 bytes, the alignment of torch's CPU allocations.
+template <typename T>
+struct LaneVector;
+template <>
+struct LaneVector<float> {
+  typedef float type __attribute__((vector_size(kLanes * sizeof(float)), aligned(64)));
+};
+template <>
+struct LaneVector<double> {
+  typedef double type __attribute__((vector_size(kLanes * sizeof(double)), aligned(64)));
+};
+
+template <typename T>
+using Lanes = typename LaneVector<T>::type;
+
+inline Lanes<float> lanes_max(Lanes<float> a, Lanes<float> b) { return a > b ? a : b; }
+inline Lanes<double> lanes_max(Lanes<double> a, Lanes<double> b) { return a > b ? a : b; }
+
+// exp of every lane, x <= 0. float: the polynomial of routing_math.h, written on whole
+// vectors so that it stays SIMD; double (the accuracy reference): the library exp.
+inline Lanes<float> lanes_exp(Lanes<float> x) {
+  typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t)), aligned(64)));
+  x = x < -87.0f ? Lanes<float>{} - 87.0f : x;
+  const Ints n_int = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, Ints);  // round(x / ln2)
+  const Lanes<float> n = __builtin_convertvector(n_int, Lanes<float>);
+  const Lanes<float> f = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  Lanes<float> p = f * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * f * f + f + 1.0f;
+  const Ints bits = (n_int + 127) << 23;
+  Lanes<float> scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline Lanes<double> lanes_exp(Lanes<double> x) {
+  for (int64_t l = 0; l < kLanes; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
+
+// Sum of the lanes by a fixed pairwise tree.
+template <typename Vec>
+auto lanes_sum(Vec x) {
+  for (int64_t width = kLanes / 2; width >= 1; width /= 2)
+    for (int64_t l = 0; l < width; ++l) x[l] += x[l + width];
+  return x[0];
+}
+
+struct Sizes {
+  int64_t B, I, J, D, K, R;  // K = 0: predictions given (route)
+  int64_t JD() const { return J * D; }
+  // Din padded to whole blocks of kBlockK: the padded columns of W and u are zero.
+  int64_t Kp() const { return (K + kBlockK - 1) / kBlockK * kBlockK; }
+  int64_t chunks() const { return (B + kLanes - 1) / kLanes; }
+  int64_t lanes(int64_t chunk) const { return std::min(kLanes, B - chunk * kLanes); }
+};
+
+// Rebuilds the predictions tile uh[jd] (one Lanes per row) of input capsule i for one chunk.
+template <typename scalar_t, typename acc_t>
+struct Predictions {
+  using Vec = Lanes<acc_t>;
+  Sizes sz;
+  const acc_t* W = nullptr;        // (I, J*Dout, Kp) when the op has weights, Din zero-padded to Kp
+  const Vec* u_lanes = nullptr;    // (chunks, I, Kp): input capsules, lane-minor, zero-padded
+  const scalar_t* u_hat = nullptr; // (B, I, J*D): given predictions (route)
+
+  void load(int64_t chunk, int64_t i, Vec* uh) const {
+    const int64_t JD = sz.JD();
+    if (W != nullptr) {
+      const int64_t K = sz.K, Kp = sz.Kp();
+      const acc_t* w = W + i * JD * Kp;
+      const Vec* u = u_lanes + (chunk * sz.I + i) * Kp;
+      for (int64_t jd = 0; jd < JD; ++jd) {
+        Vec acc = {};
+        for (int64_t k = 0; k < K; ++k) acc += w[jd * Kp + k] * u[k];
+        uh[jd] = acc;
+      }
+      return;
+    }
+    const int64_t lanes = sz.lanes(chunk);
+    for (int64_t jd = 0; jd < JD; ++jd) uh[jd] = Vec{};
+    for (int64_t l = 0; l < lanes; ++l) {
+      const scalar_t* row = u_hat + ((chunk * kLanes + l) * sz.I + i) * JD;
+      for (int64_t jd = 0; jd < JD; ++jd) uh[jd][l] = static_cast<acc_t>(row[jd]);
+    }
+  }
+};
+
+// c[j] = softmax over j of dot(uh[j], V[j]): the couplings of one input capsule.
+template <typename Vec>
+void couplings(const Vec* uh, const Vec* V, int64_t J, int64_t D, Vec* c) {
+  for (int64_t j = 0; j < J; ++j) {
+    Vec dot = {};
+    for (int64_t d = 0; d < D; ++d) dot += uh[j * D + d] * V[j * D + d];
+    c[j] = dot;
+  }
+  Vec max = c[0];
+  for (int64_t j = 1; j < J; ++j) max = lanes_max(max, c[j]);
+  Vec sum = {};
+  for (int64_t j = 0; j < J; ++j) {
+    c[j] = lanes_exp(c[j] - max);
+    sum += c[j];
+  }
+  const Vec inverse = 1 / sum;
+  for (int64_t j = 0; j < J; ++j) c[j] *= inverse;
+}
+
+// g_b[j] = c[j] * (g_c[j] - sum_k c[k] g_c[k]), with g_c[j] = dot(g_s[j], uh[j]).
+template <typename Vec>
+void coupling_gradients(const Vec* uh, const Vec* gs, int64_t J, int64_t D, const Vec* c, Vec* gb) {
+  Vec weighted = {};
+  for (int64_t j = 0; j < J; ++j) {
+    Vec dot = {};
+    for (int64_t d = 0; d < D; ++d) dot += uh[j * D + d] * gs[j * D + d];
+    gb[j] = dot;
+    weighted += c[j] * dot;
+  }
+  for (int64_t j = 0; j < J; ++j) gb[j] = c[j] * (gb[j] - weighted);
+}
+
+// out[j*D + d] += c[j] * x[j*D + d]
+template <typename Vec>
+void add_scaled_rows(const Vec* c, const Vec* x, int64_t J, int64_t D, Vec* out) {
+  for (int64_t j = 0; j < J; ++j)
+    for (int64_t d = 0; d < D; ++d) out[j * D + d] += c[j] * x[j * D + d];
+}
+
+template <typename scalar_t, typename acc_t>
+struct Routing {
+  using Vec = Lanes<acc_t>;
+  Predictions<scalar_t, acc_t> pred;
+  Sizes sz;
+
+  // Forward of chunks [begin, end): writes v, s(r) and V(r-1) of their elements.
+  void forward(int64_t begin, int64_t end, scalar_t* v_out, acc_t* s_saved, acc_t* Vprev_saved) const {
+    const int64_t n = end - begin, J = sz.J, D = sz.D, JD = sz.JD(), R = sz.R;
+    std::vector<Vec> V(n * JD, Vec{}), s(n * JD), uh(JD), c(J);
+    const acc_t uniform = acc_t(1) / acc_t(J);
+    for (int64_t r = 0; r < R; ++r) {
+      std::fill(s.begin(), s.end(), Vec{});
+      for (int64_t i = 0; i < sz.I; ++i) {
+        for (int64_t g = 0; g < n; ++g) {
+          pred.load(begin + g, i, uh.data());
+          Vec* s_g = s.data() + g * JD;
+          if (r == 0) {  // logits are all zero: every coupling is 1/J
+            for (int64_t e = 0; e < JD; ++e) s_g[e] += uniform * uh[e];
+          } else {
+            couplings(uh.data(), V.data() + g * JD, J, D, c.data());
+            add_scaled_rows(c.data(), uh.data(), J, D, s_g);
+          }
+        }
+      }
+      for (int64_t g = 0; g < n; ++g) {
+        const int64_t chunk = begin + g;
+        Vec* s_g = s.data() + g * JD;
+        Vec* V_g = V.data() + g * JD;
+        for (int64_t l = 0; l < sz.lanes(chunk); ++l) {
+          const int64_t b = chunk * kLanes + l;
+          for (int64_t jd = 0; jd < JD; ++jd) {
+            s_saved[(b * R + r) * JD + jd] = s_g[jd][l];
+            Vprev_saved[(b * R + r) * JD + jd] = V_g[jd][l];
+          }
+        }
+        for (int64_t j = 0; j < J; ++j) {  // v = squash(s); V += v
+          Vec n2 = {};
+          for (int64_t d = 0; d < D; ++d) n2 += s_g[j * D + d] * s_g[j * D + d];
+          Vec f;
+          for (int64_t l = 0; l < kLanes; ++l) f[l] = squash_factor(n2[l]);
+          for (int64_t d = 0; d < D; ++d) {
+            const Vec v = f * s_g[j * D + d];
+            V_g[j * D + d] += v;
+            if (r == R - 1)
+              for (int64_t l = 0; l < sz.lanes(chunk); ++l)
+                v_out[(chunk * kLanes + l) * JD + j * D + d] = static_cast<scalar_t>(v[l]);
+          }
+        }
+      }
+    }
+  }
+
+  // Backward phase 1 for chunks [begin, end): g_s(r) and V(r-1) of every r, lane-minor,
+  // into gs_lanes and Vprev_lanes (chunks, R, J*D).
+  void reduce_backward(int64_t begin, int64_t end, const scalar_t* grad_v, const acc_t* s_saved,
+                       const acc_t* Vprev_saved, Vec* gs_lanes, Vec* Vprev_lanes) const {
+    const int64_t n = end - begin, J = sz.J, D = sz.D, JD = sz.JD(), R = sz.R;
+    std::vector<Vec> A_suffix(n * JD, Vec{}), A(n * JD), uh(JD), c(J), gb(J), s(JD), gv(JD);
+    for (int64_t g = 0; g < n; ++g) {  // V(r-1) lane-minor; padded lanes stay zero
+      const int64_t chunk = begin + g;
+      for (int64_t l = 0; l < sz.lanes(chunk); ++l)
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t jd = 0; jd < JD; ++jd)
+            Vprev_lanes[(chunk * R + r) * JD + jd][l] = Vprev_saved[((chunk * kLanes + l) * R + r) * JD + jd];
+    }
+    for (int64_t r = R - 1; r >= 0; --r) {
+      for (int64_t g = 0; g < n; ++g) {  // g_s(r) = squash_backward(s(r), g_v(r))
+        const int64_t chunk = begin + g;
+        std::fill(s.begin(), s.end(), Vec{});
+        std::copy(A_suffix.begin() + g * JD, A_suffix.begin() + (g + 1) * JD, gv.begin());
+        for (int64_t l = 0; l < sz.lanes(chunk); ++l) {
+          const int64_t b = chunk * kLanes + l;
+          for (int64_t jd = 0; jd < JD; ++jd) {
+            s[jd][l] = s_saved[(b * R + r) * JD + jd];
+            if (r == R - 1) gv[jd][l] += static_cast<acc_t>(grad_v[b * JD + jd]);
+          }
+        }
+        Vec* gs = gs_lanes + (chunk * R + r) * JD;
+        for (int64_t j = 0; j < J; ++j) {
+          Vec n2 = {}, sg = {};
+          for (int64_t d = 0; d < D; ++d) {
+            n2 += s[j * D + d] * s[j * D + d];
+            sg += s[j * D + d] * gv[j * D + d];
+          }
+          Vec f, df2;
+          for (int64_t l = 0; l < kLanes; ++l) {
+            f[l] = squash_factor(n2[l]);
+            df2[l] = squash_backward_df2(n2[l]) * sg[l];
+          }
+          for (int64_t d = 0; d < D; ++d) gs[j * D + d] = f * gv[j * D + d] + df2 * s[j * D + d];
+        }
+      }
+      if (r == 0) break;
+      // A(r) = sum_i g_b[i, j] u_hat[i, j]: flows into g_v of the iterations before r.
+      std::fill(A.begin(), A.end(), Vec{});
+      for (int64_t i = 0; i < sz.I; ++i) {
+        for (int64_t g = 0; g < n; ++g) {
+          const int64_t chunk = begin + g;
+          pred.load(chunk, i, uh.data());
+          couplings(uh.data(), Vprev_lanes + (chunk * R + r) * JD, J, D, c.data());
+          coupling_gradients(uh.data(), gs_lanes + (chunk * R + r) * JD, J, D, c.data(), gb.data());
+          add_scaled_rows(gb.data(), uh.data(), J, D, A.data() + g * JD);
+        }
+      }
+      for (int64_t e = 0; e < n * JD; ++e) A_suffix[e] += A[e];
+    }
+  }
+
+  // Backward phase 2 for input capsules [begin, end): du (or du_hat) and dW[i].
+  void input_backward(int64_t begin, int64_t end, const Vec* gs_lanes, const Vec* Vprev_lanes, scalar_t* dx,
+                      scalar_t* dW) const {
+    const int64_t J = sz.J, D = sz.D, JD = sz.JD(), K = sz.K, Kp = sz.Kp(), R = sz.R, I = sz.I;
+    std::vector<Vec> uh(JD), du_hat(sz.chunks() * JD), c(J), gb(J);
+    const acc_t uniform = acc_t(1) / acc_t(J);
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t chunk = 0; chunk < sz.chunks(); ++chunk) {
+        pred.load(chunk, i, uh.data());
+        Vec* duh = du_hat.data() + chunk * JD;
+        std::fill(duh, duh + JD, Vec{});
+        for (int64_t r = 0; r < R; ++r) {
+          const Vec* gs = gs_lanes + (chunk * R + r) * JD;
+          const Vec* Vp = Vprev_lanes + (chunk * R + r) * JD;
+          if (r == 0) {  // uniform couplings, and V(0) = 0 cancels the g_b term
+            for (int64_t e = 0; e < JD; ++e) duh[e] += uniform * gs[e];
+            continue;
+          }
+          couplings(uh.data(), Vp, J, D, c.data());
+          add_scaled_rows(c.data(), gs, J, D, duh);
+          coupling_gradients(uh.data(), gs, J, D, c.data(), gb.data());
+          add_scaled_rows(gb.data(), Vp, J, D, duh);
+        }
+        const int64_t lanes = sz.lanes(chunk);
+        if (pred.W == nullptr) {  // route: du_hat is the answer
+          for (int64_t l = 0; l < lanes; ++l) {
+            scalar_t* row = dx + ((chunk * kLanes + l) * I + i) * JD;
+            for (int64_t jd = 0; jd < JD; ++jd) row[jd] = static_cast<scalar_t>(duh[jd][l]);
+          }
+          continue;
+        }
+        const acc_t* w = pred.W + i * JD * Kp;
+        for (int64_t kb = 0; kb < K; kb += kBlockK) {  // du[b, i, k] = sum_jd W[i, jd, k] du_hat[b, i, jd]
+          Vec du[kBlockK] = {};
+          for (int64_t jd = 0; jd < JD; ++jd)
+            for (int64_t q = 0; q < kBlockK; ++q) du[q] += w[jd * Kp + kb + q] * duh[jd];
+          for (int64_t q = 0; q < kBlockK && kb + q < K; ++q)
+            for (int64_t l = 0; l < lanes; ++l)
+              dx[((chunk * kLanes + l) * I + i) * K + kb + q] = static_cast<scalar_t>(du[q][l]);
+        }
+      }
+      if (pred.W == nullptr) continue;
+      // dW[i, jd, k] = sum_b du_hat[b, i, jd] u[b, i, k]: per lane over the chunks in order,
+      // then across the lanes in a fixed tree, so the bits never depend on the threads.
+      for (int64_t jd = 0; jd < JD; ++jd) {
+        for (int64_t kb = 0; kb < K; kb += kBlockK) {
+          Vec acc[kBlockK] = {};
+          for (int64_t chunk = 0; chunk < sz.chunks(); ++chunk) {
+            const Vec g = du_hat[chunk * JD + jd];
+            const Vec* u = pred.u_lanes + (chunk * I + i) * Kp + kb;
+            for (int64_t q = 0; q < kBlockK; ++q) acc[q] += g * u[q];
+          }
+          for (int64_t q = 0; q < kBlockK && kb + q < K; ++q)
+            dW[(i * JD + jd) * K + kb + q] = static_cast<scalar_t>(lanes_sum(acc[q]));
+        }
+      }
+    }
+  }
+};
+
+// A lane-minor tensor (..., kLanes) as Lanes; torch's CPU allocations are 64-byte aligned.
+template <typename acc_t>
+Lanes<acc_t>* lanes_of(const at::Tensor& t) {
+  return reinterpret_cast<Lanes<acc_t>*>(t.data_ptr<acc_t>());
+}
+
+at::ScalarType accumulate_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Input capsules u (B, I, Din) as (chunks, I, Kp, kLanes) in the accumulation type, zero-padded.
+at::Tensor lane_minor(const at::Tensor& u, const Sizes& sz) {
+  auto padded = at::zeros({sz.chunks() * kLanes, sz.I, sz.Kp()}, u.options().dtype(accumulate_type(u)));
+  padded.narrow(0, 0, sz.B).narrow(2, 0, sz.K).copy_(u);
+  return padded.view({sz.chunks(), kLanes, sz.I, sz.Kp()}).permute({0, 2, 3, 1}).contiguous();
+}
+
+// W (I, J, Dout, Din) as (I, J, Dout, Kp) in the accumulation type, zero-padded.
+at::Tensor padded_weights(const at::Tensor& W, const Sizes& sz) {
+  auto padded = at::zeros({sz.I, sz.J, sz.D, sz.Kp()}, W.options().dtype(accumulate_type(W)));
+  padded.narrow(3, 0, sz.K).copy_(W);
+  return padded;
+}
+
+Sizes sizes_of(const at::Tensor& x, const at::Tensor* W, int64_t R) {
+  if (W != nullptr) return {x.size(0), W->size(0), W->size(1), W->size(2), W->size(3), R};
+  return {x.size(0), x.size(1), x.size(2), x.size(3), 0, R};
+}
+
+// Tensors whose pointers a Routing<> reads; kept alive for the duration of a call.
+struct Prepared {
+  at::Tensor x, W, u_lanes;
+};
+
+template <typename scalar_t, typename acc_t>
+Routing<scalar_t, acc_t> make_routing(const at::Tensor& x, const at::Tensor* W, int64_t R, Prepared& keep) {
+  Routing<scalar_t, acc_t> routing;
+  routing.sz = sizes_of(x, W, R);
+  routing.pred.sz = routing.sz;
+  keep.x = x.contiguous();
+  if (W != nullptr) {
+    keep.W = padded_weights(*W, routing.sz);
+    keep.u_lanes = lane_minor(keep.x, routing.sz);
+    routing.pred.W = keep.W.data_ptr<acc_t>();
+    routing.pred.u_lanes = reinterpret_cast<const Lanes<acc_t>*>(keep.u_lanes.data_ptr<acc_t>());
+  } else {
+    routing.pred.u_hat = keep.x.data_ptr<scalar_t>();
+  }
+  return routing;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor* W, int64_t R) {
+  const Sizes sz = sizes_of(x, W, R);
+  const auto acc = accumulate_type(x);
+  auto v = at::empty({sz.B, sz.J, sz.D}, x.options());
+  auto s_saved = at::empty({sz.B, R, sz.J, sz.D}, x.options().dtype(acc));
+  auto Vprev_saved = at::empty_like(s_saved);
+  if (sz.B == 0) return {v, s_saved, Vprev_saved};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Prepared keep;
+    const auto routing = make_routing<scalar_t, acc_t>(x, W, R, keep);
+    at::parallel_for(0, sz.chunks(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; g += kGroup)
+        routing.forward(g, std::min(end, g + kGroup), v.data_ptr<scalar_t>(), s_saved.data_ptr<acc_t>(),
+                        Vprev_saved.data_ptr<acc_t>());
+    });
+  });
+  return {v, s_saved, Vprev_saved};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_v, const at::Tensor& x, const at::Tensor* W,
+                                            const at::Tensor& s_saved, const at::Tensor& Vprev_saved, int64_t R) {
+  const Sizes sz = sizes_of(x, W, R);
+  auto dx = at::zeros(x.sizes(), x.options());
+  auto dW = W != nullptr ? at::zeros(W->sizes(), W->options()) : at::Tensor();
+  if (sz.B == 0) return {dx, dW};
+  const auto acc = accumulate_type(x);
+  auto gs_lanes = at::empty({sz.chunks(), R, sz.JD(), kLanes}, x.options().dtype(acc));
+  auto Vprev_lanes = at::zeros_like(gs_lanes);
+  const auto grad = grad_v.contiguous();
+  const auto s_c = s_saved.contiguous();
+  const auto Vprev_c = Vprev_saved.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Prepared keep;
+    const auto routing = make_routing<scalar_t, acc_t>(x, W, R, keep);
+    at::parallel_for(0, sz.chunks(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; g += kGroup)
+        routing.reduce_backward(g, std::min(end, g + kGroup), grad.data_ptr<scalar_t>(), s_c.data_ptr<acc_t>(),
+                                Vprev_c.data_ptr<acc_t>(), lanes_of<acc_t>(gs_lanes), lanes_of<acc_t>(Vprev_lanes));
+    });
+    at::parallel_for(0, sz.I, 1, [&](int64_t begin, int64_t end) {
+      routing.input_backward(begin, end, lanes_of<acc_t>(gs_lanes), lanes_of<acc_t>(Vprev_lanes),
+                             dx.data_ptr<scalar_t>(), W != nullptr ? dW.data_ptr<scalar_t>() : nullptr);
+    });
+  });
+  return {dx, dW};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> capsule_routing_forward(const at::Tensor& u, const at::Tensor& W,
+                                                                       int64_t num_iterations) {
+  return forward(u, &W, num_iterations);
+}
+
+std::tuple<at::Tensor, at::Tensor> capsule_routing_backward(const at::Tensor& grad_v, const at::Tensor& u,
+                                                            const at::Tensor& W, const at::Tensor& s_saved,
+                                                            const at::Tensor& Vprev_saved, int64_t num_iterations) {
+  return backward(grad_v, u, &W, s_saved, Vprev_saved, num_iterations);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_forward(const at::Tensor& u_hat, int64_t num_iterations) {
+  return forward(u_hat, nullptr, num_iterations);
+}
+
+at::Tensor route_backward(const at::Tensor& grad_v, const at::Tensor& u_hat, const at::Tensor& s_saved,
+                          const at::Tensor& Vprev_saved, int64_t num_iterations) {
+  return std::get<0>(backward(grad_v, u_hat, nullptr, s_saved, Vprev_saved, num_iterations));
+}
+
+}  // namespace capsrouting::cpu
