@@ -6,7 +6,8 @@ A fused backend defines two custom ops per entry point:
   two saved tensors (B, R, J, D) hold s(r) and V(r-1) of DESIGN.md §3;
 * backward ``(grad_v, x, [W,] s_saved, Vprev_saved, num_iterations) -> dx[, dW]``.
 
-This module connects them, so the backward of every backend is itself an op
+``forward_op`` is the op itself or its qualified name ("capsrouting::..."), ``backward_op``
+a callable. This module connects them, so the backward of every backend is itself an op
 that ``torch.compile`` traces without a graph break.
 """
 import torch
@@ -27,4 +28,4 @@ def register_routing_autograd(forward_op, backward_op, has_weights: bool) -> Non
             return du, dW, None
         return grads, None
 
-    forward_op.register_autograd(backward, setup_context=setup_context)
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)

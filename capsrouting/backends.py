@@ -7,7 +7,6 @@ a preferred one is missing); an explicitly requested backend that cannot run
 raises ``ValueError`` naming what is missing.
 """
 import dataclasses
-import functools
 import logging
 import warnings
 from typing import Callable, Optional, Tuple
@@ -34,19 +33,28 @@ class Backend:
 _REGISTRY: dict = {}
 # Automatic choice, fastest first, per device type.
 _PREFERENCE = {"cuda": ["triton", "cuda", "torch"], "cpu": ["cpu", "torch"]}
-# Names that later versions fill in; listed so errors can say why they are absent.
-_PLANNED = ("triton", "cuda", "cpu")
 
 
 def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
-@functools.lru_cache(maxsize=None)
+_reasons: dict = {}
+
+
+# Probed once per process and outside any graph: a first call inside torch.compile (which
+# may load, or even compile, the C++ extension) runs for real and its answer is a constant.
+@torch.compiler.assume_constant_result
 def unavailable_reason(name: str) -> Optional[str]:
     """None if the backend can run here, else why not (probed once, then cached)."""
+    if name not in _reasons:
+        _reasons[name] = _probe(name)
+    return _reasons[name]
+
+
+def _probe(name: str) -> Optional[str]:
     if name not in _REGISTRY:
-        return "not implemented in this version" if name in _PLANNED else "unknown backend"
+        return "unknown backend"
     try:
         return _REGISTRY[name].probe()
     except Exception as exc:  # a probe must never take the import down with it
@@ -64,9 +72,8 @@ def available_backends() -> list:
 
 
 def backend_report() -> dict:
-    """{name: None if available else reason} for every known or planned backend."""
-    names = list(_REGISTRY) + [n for n in _PLANNED if n not in _REGISTRY]
-    return {name: unavailable_reason(name) for name in names}
+    """{name: None if available else reason} for every registered backend."""
+    return {name: unavailable_reason(name) for name in _REGISTRY}
 
 
 def _describe_choices() -> str:

@@ -1,24 +1,30 @@
 // CPU kernels of the routing ops: DESIGN.md §2-§3 on a multicore CPU.
 //
-// Layout. Batch elements are processed kLanes at a time (a "chunk"). Every per-element
+// Layout. Batch elements are processed L at a time (a "chunk": 16 for float32 and the
+// half types, 8 for float64 -- one 64-byte SIMD vector). Every per-element
 // quantity (a row of predictions, V, s, logits, couplings) is stored lane-minor,
-// x[row][lane], so each inner loop is a vertical loop over the kLanes elements of a
+// x[row][lane], so each inner loop is a vertical loop over the L elements of a
 // chunk: no reduction runs along the vectorized dimension and the compiler emits plain
-// SIMD multiply-adds. Padded lanes (B not a multiple of kLanes) carry zeros throughout.
+// SIMD multiply-adds. Padded lanes (B not a multiple of L) carry zeros throughout.
 //
 // Forward, parallel over groups of kGroup chunks. Per routing iteration, one pass over
 // the input capsules i; for each i and chunk the predictions are rebuilt from W[i] into
-// a (J*Dout, kLanes) tile -- never u_hat as a whole -- followed by the logits against V,
+// a (J*Dout, L) tile -- never u_hat as a whole -- followed by the logits against V,
 // the softmax over j and the accumulation of s. A group shares each read of W[i]
 // (J*Dout*Din numbers): one stream of W per group and iteration, not per element.
-// State per chunk between iterations: V and s, J*Dout*kLanes numbers each.
+// State per chunk between iterations: V and s, J*Dout*L numbers each.
 //
 // Backward phase 1, parallel over groups of chunks: passes r = R-1..1 over the input
 // capsules that only reduce A(r), giving g_s(r) for every r (lane-minor buffers, B*R*J*Dout).
-// Phase 2, parallel over input capsules: for each i and every chunk in batch order,
-// rebuild the tile, sum du_hat over the iterations, write du, and accumulate dW[i].
-// Each dW[i] belongs to one thread and is summed over the batch in a fixed order, so dW
-// has the same bits whatever the number of threads.
+// Phase 2, parallel over input capsules: for each i, every chunk in batch order rebuilds
+// its tile and sums du_hat over the iterations (kept for all chunks: B*J*Dout per thread);
+// du follows from W[i]. dW[i] is then formed in registers, kBlockK columns of Din at a
+// time, one vector per column summing the chunks in order, and its lanes are added by a
+// fixed tree. Each dW[i] belongs to one thread, so dW has the same bits whatever the
+// number of threads.
+//
+// Registers: one vector per accumulator (a row dot, a column of du or of dW); tiles
+// (J*Dout vectors) and the state of a group stay in L1/L2.
 //
 // Accumulation type acc_t: float for float/half/bfloat16 input, double for double.
 #include "routing_cpu.h"
@@ -38,26 +44,28 @@
 namespace capsrouting::cpu {
 namespace {
 
-// Batch elements per chunk: the SIMD dimension of every inner loop.
-constexpr int64_t kLanes = 16;
+// Batch elements per chunk: one 64-byte vector of the accumulation type (16 floats or
+// 8 doubles), the SIMD dimension of every inner loop.
+template <typename acc_t>
+constexpr int64_t kLanes = 64 / sizeof(acc_t);
 // Chunks that share one read of W[i] in a pass; their state (2 tiles each) stays in L2.
 constexpr int64_t kGroup = 4;
 
 // Columns of Din handled together in the backward: one accumulator register each.
 constexpr int64_t kBlockK = 4;
 
-// kLanes numbers, one per batch element of a chunk, as one GCC/Clang vector: the compiler
-// maps its arithmetic onto whatever SIMD width the target has (AVX-512, AVX2, SSE, NEON).
-// Alignment is capped at 64 bytes, the alignment of torch's CPU allocations.
+// The kLanes numbers of a chunk as one GCC/Clang vector: the compiler maps its arithmetic
+// onto whatever SIMD width the target has (AVX-512, AVX2, SSE, NEON). 64 bytes, so any
+// row of a lane-minor tensor is aligned (torch's CPU allocations are 64-byte aligned).
 template <typename T>
 struct LaneVector;
 template <>
 struct LaneVector<float> {
-  typedef float type __attribute__((vector_size(kLanes * sizeof(float)), aligned(64)));
+  typedef float type __attribute__((vector_size(64)));
 };
 template <>
 struct LaneVector<double> {
-  typedef double type __attribute__((vector_size(kLanes * sizeof(double)), aligned(64)));
+  typedef double type __attribute__((vector_size(64)));
 };
 
 template <typename T>
@@ -69,7 +77,7 @@ inline Lanes<double> lanes_max(Lanes<double> a, Lanes<double> b) { return a > b 
 // exp of every lane, x <= 0. float: the polynomial of routing_math.h, written on whole
 // vectors so that it stays SIMD; double (the accuracy reference): the library exp.
 inline Lanes<float> lanes_exp(Lanes<float> x) {
-  typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t)), aligned(64)));
+  typedef int32_t Ints __attribute__((vector_size(64)));
   x = x < -87.0f ? Lanes<float>{} - 87.0f : x;
   const Ints n_int = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, Ints);  // round(x / ln2)
   const Lanes<float> n = __builtin_convertvector(n_int, Lanes<float>);
@@ -87,25 +95,26 @@ inline Lanes<float> lanes_exp(Lanes<float> x) {
 }
 
 inline Lanes<double> lanes_exp(Lanes<double> x) {
-  for (int64_t l = 0; l < kLanes; ++l) x[l] = std::exp(x[l]);
+  for (int64_t l = 0; l < kLanes<double>; ++l) x[l] = std::exp(x[l]);
   return x;
 }
 
 // Sum of the lanes by a fixed pairwise tree.
 template <typename Vec>
 auto lanes_sum(Vec x) {
-  for (int64_t width = kLanes / 2; width >= 1; width /= 2)
+  for (int64_t width = int64_t(sizeof(Vec) / sizeof(x[0])) / 2; width >= 1; width /= 2)
     for (int64_t l = 0; l < width; ++l) x[l] += x[l + width];
   return x[0];
 }
 
 struct Sizes {
   int64_t B, I, J, D, K, R;  // K = 0: predictions given (route)
+  int64_t L;                  // lanes per chunk: kLanes of the accumulation type
   int64_t JD() const { return J * D; }
   // Din padded to whole blocks of kBlockK: the padded columns of W and u are zero.
   int64_t Kp() const { return (K + kBlockK - 1) / kBlockK * kBlockK; }
-  int64_t chunks() const { return (B + kLanes - 1) / kLanes; }
-  int64_t lanes(int64_t chunk) const { return std::min(kLanes, B - chunk * kLanes); }
+  int64_t chunks() const { return (B + L - 1) / L; }
+  int64_t lanes(int64_t chunk) const { return std::min(L, B - chunk * L); }
 };
 
 // Rebuilds the predictions tile uh[jd] (one Lanes per row) of input capsule i for one chunk.
@@ -133,7 +142,7 @@ struct Predictions {
     const int64_t lanes = sz.lanes(chunk);
     for (int64_t jd = 0; jd < JD; ++jd) uh[jd] = Vec{};
     for (int64_t l = 0; l < lanes; ++l) {
-      const scalar_t* row = u_hat + ((chunk * kLanes + l) * sz.I + i) * JD;
+      const scalar_t* row = u_hat + ((chunk * sz.L + l) * sz.I + i) * JD;
       for (int64_t jd = 0; jd < JD; ++jd) uh[jd][l] = static_cast<acc_t>(row[jd]);
     }
   }
@@ -208,7 +217,7 @@ struct Routing {
         Vec* s_g = s.data() + g * JD;
         Vec* V_g = V.data() + g * JD;
         for (int64_t l = 0; l < sz.lanes(chunk); ++l) {
-          const int64_t b = chunk * kLanes + l;
+          const int64_t b = chunk * sz.L + l;
           for (int64_t jd = 0; jd < JD; ++jd) {
             s_saved[(b * R + r) * JD + jd] = s_g[jd][l];
             Vprev_saved[(b * R + r) * JD + jd] = V_g[jd][l];
@@ -218,13 +227,13 @@ struct Routing {
           Vec n2 = {};
           for (int64_t d = 0; d < D; ++d) n2 += s_g[j * D + d] * s_g[j * D + d];
           Vec f;
-          for (int64_t l = 0; l < kLanes; ++l) f[l] = squash_factor(n2[l]);
+          for (int64_t l = 0; l < kLanes<acc_t>; ++l) f[l] = squash_factor(n2[l]);
           for (int64_t d = 0; d < D; ++d) {
             const Vec v = f * s_g[j * D + d];
             V_g[j * D + d] += v;
             if (r == R - 1)
               for (int64_t l = 0; l < sz.lanes(chunk); ++l)
-                v_out[(chunk * kLanes + l) * JD + j * D + d] = static_cast<scalar_t>(v[l]);
+                v_out[(chunk * sz.L + l) * JD + j * D + d] = static_cast<scalar_t>(v[l]);
           }
         }
       }
@@ -242,7 +251,7 @@ struct Routing {
       for (int64_t l = 0; l < sz.lanes(chunk); ++l)
         for (int64_t r = 0; r < R; ++r)
           for (int64_t jd = 0; jd < JD; ++jd)
-            Vprev_lanes[(chunk * R + r) * JD + jd][l] = Vprev_saved[((chunk * kLanes + l) * R + r) * JD + jd];
+            Vprev_lanes[(chunk * R + r) * JD + jd][l] = Vprev_saved[((chunk * sz.L + l) * R + r) * JD + jd];
     }
     for (int64_t r = R - 1; r >= 0; --r) {
       for (int64_t g = 0; g < n; ++g) {  // g_s(r) = squash_backward(s(r), g_v(r))
@@ -250,7 +259,7 @@ struct Routing {
         std::fill(s.begin(), s.end(), Vec{});
         std::copy(A_suffix.begin() + g * JD, A_suffix.begin() + (g + 1) * JD, gv.begin());
         for (int64_t l = 0; l < sz.lanes(chunk); ++l) {
-          const int64_t b = chunk * kLanes + l;
+          const int64_t b = chunk * sz.L + l;
           for (int64_t jd = 0; jd < JD; ++jd) {
             s[jd][l] = s_saved[(b * R + r) * JD + jd];
             if (r == R - 1) gv[jd][l] += static_cast<acc_t>(grad_v[b * JD + jd]);
@@ -264,7 +273,7 @@ struct Routing {
             sg += s[j * D + d] * gv[j * D + d];
           }
           Vec f, df2;
-          for (int64_t l = 0; l < kLanes; ++l) {
+          for (int64_t l = 0; l < kLanes<acc_t>; ++l) {
             f[l] = squash_factor(n2[l]);
             df2[l] = squash_backward_df2(n2[l]) * sg[l];
           }
@@ -313,7 +322,7 @@ struct Routing {
         const int64_t lanes = sz.lanes(chunk);
         if (pred.W == nullptr) {  // route: du_hat is the answer
           for (int64_t l = 0; l < lanes; ++l) {
-            scalar_t* row = dx + ((chunk * kLanes + l) * I + i) * JD;
+            scalar_t* row = dx + ((chunk * sz.L + l) * I + i) * JD;
             for (int64_t jd = 0; jd < JD; ++jd) row[jd] = static_cast<scalar_t>(duh[jd][l]);
           }
           continue;
@@ -325,7 +334,7 @@ struct Routing {
             for (int64_t q = 0; q < kBlockK; ++q) du[q] += w[jd * Kp + kb + q] * duh[jd];
           for (int64_t q = 0; q < kBlockK && kb + q < K; ++q)
             for (int64_t l = 0; l < lanes; ++l)
-              dx[((chunk * kLanes + l) * I + i) * K + kb + q] = static_cast<scalar_t>(du[q][l]);
+              dx[((chunk * sz.L + l) * I + i) * K + kb + q] = static_cast<scalar_t>(du[q][l]);
         }
       }
       if (pred.W == nullptr) continue;
@@ -347,7 +356,7 @@ struct Routing {
   }
 };
 
-// A lane-minor tensor (..., kLanes) as Lanes; torch's CPU allocations are 64-byte aligned.
+// A lane-minor tensor (..., L) as Lanes; torch's CPU allocations are 64-byte aligned.
 template <typename acc_t>
 Lanes<acc_t>* lanes_of(const at::Tensor& t) {
   return reinterpret_cast<Lanes<acc_t>*>(t.data_ptr<acc_t>());
@@ -355,11 +364,11 @@ Lanes<acc_t>* lanes_of(const at::Tensor& t) {
 
 at::ScalarType accumulate_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Input capsules u (B, I, Din) as (chunks, I, Kp, kLanes) in the accumulation type, zero-padded.
+// Input capsules u (B, I, Din) as (chunks, I, Kp, L) in the accumulation type, zero-padded.
 at::Tensor lane_minor(const at::Tensor& u, const Sizes& sz) {
-  auto padded = at::zeros({sz.chunks() * kLanes, sz.I, sz.Kp()}, u.options().dtype(accumulate_type(u)));
+  auto padded = at::zeros({sz.chunks() * sz.L, sz.I, sz.Kp()}, u.options().dtype(accumulate_type(u)));
   padded.narrow(0, 0, sz.B).narrow(2, 0, sz.K).copy_(u);
-  return padded.view({sz.chunks(), kLanes, sz.I, sz.Kp()}).permute({0, 2, 3, 1}).contiguous();
+  return padded.view({sz.chunks(), sz.L, sz.I, sz.Kp()}).permute({0, 2, 3, 1}).contiguous();
 }
 
 // W (I, J, Dout, Din) as (I, J, Dout, Kp) in the accumulation type, zero-padded.
@@ -370,8 +379,9 @@ at::Tensor padded_weights(const at::Tensor& W, const Sizes& sz) {
 }
 
 Sizes sizes_of(const at::Tensor& x, const at::Tensor* W, int64_t R) {
-  if (W != nullptr) return {x.size(0), W->size(0), W->size(1), W->size(2), W->size(3), R};
-  return {x.size(0), x.size(1), x.size(2), x.size(3), 0, R};
+  const int64_t L = 64 / int64_t(c10::elementSize(accumulate_type(x)));
+  if (W != nullptr) return {x.size(0), W->size(0), W->size(1), W->size(2), W->size(3), R, L};
+  return {x.size(0), x.size(1), x.size(2), x.size(3), 0, R, L};
 }
 
 // Tensors whose pointers a Routing<> reads; kept alive for the duration of a call.
@@ -423,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_v, const at::
   auto dW = W != nullptr ? at::zeros(W->sizes(), W->options()) : at::Tensor();
   if (sz.B == 0) return {dx, dW};
   const auto acc = accumulate_type(x);
-  auto gs_lanes = at::empty({sz.chunks(), R, sz.JD(), kLanes}, x.options().dtype(acc));
+  auto gs_lanes = at::empty({sz.chunks(), R, sz.JD(), sz.L}, x.options().dtype(acc));
   auto Vprev_lanes = at::zeros_like(gs_lanes);
   const auto grad = grad_v.contiguous();
   const auto s_c = s_saved.contiguous();

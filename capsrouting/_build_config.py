@@ -1,0 +1,77 @@
+"""How the C++/CUDA extension is compiled: one place for setup.py and the just-in-time build.
+
+Read by ``setup.py`` through ``runpy`` (the package itself cannot be imported while it is
+being built), so this module imports only the standard library and, inside functions, torch.
+
+Environment switches:
+
+* ``FORCE_CUDA=1`` builds the CUDA kernels even when no GPU is visible (torch must have CUDA);
+  ``FORCE_ONLY_CPU=1`` builds the CPU kernels only.
+* ``MAX_JOBS`` caps ninja's parallel compile jobs (default: cores, at most one per 2 GB of RAM).
+* ``CAPSROUTING_NATIVE=0`` drops ``-march=native`` (for a build that must run on other CPUs).
+* ``CAPSROUTING_CXXFLAGS`` / ``CAPSROUTING_NVCCFLAGS``: extra compiler flags, appended.
+"""
+import os
+import platform
+import shlex
+from pathlib import Path
+
+# Sources relative to the project root: the op schema, then the kernels per device.
+CPU_SOURCES = ["csrc/routing.cpp", "csrc/cpu/routing_cpu.cpp"]
+CUDA_SOURCES = ["csrc/cuda/routing_cuda.cu"]
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def want_cuda() -> bool:
+    """Build the CUDA kernels? Needs a CUDA build of torch and nvcc; FORCE_* decide when set."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if _flag("FORCE_ONLY_CPU"):
+        return False
+    if _flag("FORCE_CUDA"):
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
+
+
+def sources(root: Path, with_cuda: bool) -> list:
+    return [str(root / s) for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])]
+
+
+def _uses_openmp() -> bool:
+    import torch
+
+    return "OpenMP" in torch.__config__.parallel_info() and platform.system() != "Darwin"
+
+
+def cxx_flags() -> list:
+    # -Wno-psabi: the SIMD helpers pass vectors by value; they are internal, their ABI is moot.
+    flags = ["-O3", "-Wno-psabi"]
+    # at::parallel_for only runs threads when the extension itself is compiled with OpenMP;
+    # at run time it shares the OpenMP runtime torch has already loaded.
+    if _uses_openmp():
+        flags.append("-fopenmp")
+    if os.environ.get("CAPSROUTING_NATIVE", "1") != "0" and platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+        flags.append("-march=native")  # built where it runs: use the whole SIMD width of this CPU
+    return flags + shlex.split(os.environ.get("CAPSROUTING_CXXFLAGS", ""))
+
+
+def link_flags() -> list:
+    return ["-fopenmp"] if _uses_openmp() else []
+
+
+def nvcc_flags() -> list:
+    return ["-O3", "-lineinfo"] + shlex.split(os.environ.get("CAPSROUTING_NVCCFLAGS", ""))
+
+
+def default_max_jobs() -> str:
+    """Parallel compile jobs: one per core, at most one per 2 GB of memory."""
+    cores = os.cpu_count() or 1
+    try:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return str(cores)
+    return str(max(1, min(cores, int(memory_gb // 2))))

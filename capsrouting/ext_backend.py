@@ -1,0 +1,107 @@
+"""Backends "cpu" and "cuda": the C++/CUDA extension's ops (csrc/), loaded on first use.
+
+Both backends call the same four ops, ``capsrouting::capsule_routing_ext`` and friends;
+the dispatcher picks the CPU or the CUDA kernel from the tensors' device. The schema
+comes from C++ (``TORCH_LIBRARY``); the fake-tensor functions and the one shared
+autograd registration (``_autograd.py``) are added here once the library is loaded,
+so ``torch.compile(fullgraph=True)`` and ``opcheck`` work as for the Triton ops.
+"""
+import functools
+from typing import Optional
+
+import torch
+
+from . import _extension
+from ._autograd import register_routing_autograd
+from .backends import Backend, register
+
+# Sizes the CUDA kernel is compiled for (one warp covers a Dout vector; see routing_cuda.cu).
+CUDA_MAX_J, CUDA_MAX_DOUT, CUDA_MAX_DIN = 64, 32, 16
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(x: torch.Tensor, J: int, D: int, num_iterations: int):
+    saved = x.new_empty(x.shape[0], num_iterations, J, D, dtype=_accumulate_dtype(x.dtype))
+    return x.new_empty(x.shape[0], J, D), saved, torch.empty_like(saved)
+
+
+@functools.lru_cache(maxsize=None)
+def _ops_ready() -> Optional[str]:
+    """Loads the extension and registers the Python side of its ops, once; None or why not."""
+    reason = _extension.load()
+    if reason is not None:
+        return reason
+    ops = torch.ops.capsrouting
+    torch.library.register_fake("capsrouting::capsule_routing_ext")(
+        lambda u, W, num_iterations: _fake_forward(u, W.shape[1], W.shape[2], num_iterations)
+    )
+    torch.library.register_fake("capsrouting::route_ext")(
+        lambda u_hat, num_iterations: _fake_forward(u_hat, u_hat.shape[2], u_hat.shape[3], num_iterations)
+    )
+    torch.library.register_fake("capsrouting::capsule_routing_ext_backward")(
+        lambda grad_v, u, W, s, V, n: (torch.empty_like(u), torch.empty_like(W))
+    )
+    torch.library.register_fake("capsrouting::route_ext_backward")(lambda grad_v, u_hat, s, V, n: torch.empty_like(u_hat))
+    register_routing_autograd("capsrouting::capsule_routing_ext", ops.capsule_routing_ext_backward, has_weights=True)
+    register_routing_autograd("capsrouting::route_ext", ops.route_ext_backward, has_weights=False)
+    return None
+
+
+def _probe_cpu() -> Optional[str]:
+    return _ops_ready()
+
+
+def _probe_cuda() -> Optional[str]:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    reason = _ops_ready()
+    if reason is not None:
+        return reason
+    if not _extension.has_cuda_kernels():
+        return "the C++ extension was built without its CUDA kernels (torch without CUDA, no nvcc, or FORCE_ONLY_CPU)"
+    return None
+
+
+def capsule_routing(u: torch.Tensor, W: torch.Tensor, num_iterations: int) -> torch.Tensor:
+    return torch.ops.capsrouting.capsule_routing_ext(u, W, num_iterations)[0]
+
+
+def route(u_hat: torch.Tensor, num_iterations: int) -> torch.Tensor:
+    return torch.ops.capsrouting.route_ext(u_hat, num_iterations)[0]
+
+
+def _cuda_shape_reason(x: torch.Tensor, W: Optional[torch.Tensor]) -> Optional[str]:
+    J, D = (W.shape[1], W.shape[2]) if W is not None else (x.shape[2], x.shape[3])
+    K = W.shape[3] if W is not None else 0
+    if J > CUDA_MAX_J or D > CUDA_MAX_DOUT or K > CUDA_MAX_DIN:
+        return (
+            f"the cuda backend supports J <= {CUDA_MAX_J}, Dout <= {CUDA_MAX_DOUT}, Din <= {CUDA_MAX_DIN}; "
+            f"got J = {J}, Dout = {D}, Din = {K}"
+        )
+    return None
+
+
+register(
+    Backend(
+        name="cpu",
+        description="C++ extension: multithreaded, vectorized one-pass routing on the CPU, exact backward",
+        device_types=lambda: ("cpu",),
+        probe=_probe_cpu,
+        capsule_routing=capsule_routing,
+        route=route,
+    )
+)
+register(
+    Backend(
+        name="cuda",
+        description="C++/CUDA extension: one-pass routing kernel for GPUs without Triton, exact backward",
+        device_types=lambda: ("cuda",),
+        probe=_probe_cuda,
+        capsule_routing=capsule_routing,
+        route=route,
+        shape_reason=_cuda_shape_reason,
+    )
+)

@@ -1,0 +1,196 @@
+"""Backends "cpu" and "cuda" (the C++/CUDA extension) against the reference.
+
+Values, gradients, edge cases, memory, determinism, registration and errors. The "cuda"
+cases run only where a GPU and the extension's CUDA kernels are present.
+"""
+import pytest
+import torch
+
+import capsrouting
+from capsrouting import reference
+from capsrouting.backends import resolve, unavailable_reason
+
+from routing_checks import BAD_INPUT_CASES, assert_matches_reference, make_inputs
+from test_triton import _largest_allocation_bytes
+
+BACKENDS = [
+    pytest.param(name, device, id=name, marks=pytest.mark.skipif(unavailable_reason(name) is not None, reason=f"{name} backend: {unavailable_reason(name)}"))
+    for name, device in [("cpu", "cpu"), ("cuda", "cuda")]
+]
+
+# (B, I, Din, J, Dout, R). The CPU kernel handles 16 batch elements per chunk and 4 chunks
+# per group: B = 35 pads the last chunk, B = 70 spans two groups; Din = 5 is not a multiple
+# of its 4-column blocks.
+SHAPES = {
+    "paper_B2": (2, 1152, 8, 10, 16, 3),
+    "paper_B35": (35, 1152, 8, 10, 16, 3),
+    "two_groups_B70": (70, 37, 8, 10, 16, 3),
+    "odd_I_1153": (1, 1153, 2, 3, 4, 2),
+    "odd_I_37_R1": (3, 37, 8, 10, 16, 1),
+    "J1_R5": (2, 37, 3, 1, 5, 5),
+    "B1_R10": (1, 45, 8, 10, 16, 10),
+    "largest": (2, 19, 16, 64, 32, 2),
+    "non_pow2": (17, 23, 5, 33, 17, 3),
+}
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_float32_matches_reference(backend, device, name):
+    assert_matches_reference(backend, *SHAPES[name], dtype=torch.float32, device=device)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("name", ["paper_B35", "two_groups_B70", "J1_R5", "B1_R10", "non_pow2", "largest"])
+def test_float64_matches_reference(backend, device, name):
+    assert_matches_reference(backend, *SHAPES[name], dtype=torch.float64, device=device)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["two_groups_B70", "non_pow2"])
+def test_half_types_within_twice_the_reference_error(backend, device, name, dtype):
+    assert_matches_reference(backend, *SHAPES[name], dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_gradcheck_float64(backend, device):
+    u, W = make_inputs(18, 7, 3, 4, 5, torch.float64, device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: capsrouting.capsule_routing(a, b, 3, backend=backend), (u, W))
+    u_hat = reference.predictions(u, W).detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: capsrouting.route(x, 2, backend=backend), (u_hat,))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_empty_batch(backend, device):
+    u, W = make_inputs(0, 37, 8, 10, 16, torch.float32, device, requires_grad=True)
+    v = capsrouting.capsule_routing(u, W, 3, backend=backend)
+    assert v.shape == (0, 10, 16)
+    v.sum().backward()
+    assert torch.equal(W.grad, torch.zeros_like(W)) and u.grad.shape == u.shape
+    u_hat = torch.zeros(0, 5, 3, 4, device=device, requires_grad=True)
+    capsrouting.route(u_hat, 2, backend=backend).sum().backward()
+    assert u_hat.grad.shape == u_hat.shape
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_contiguous_inputs(backend, device):
+    u, W = make_inputs(3, 20, 8, 6, 4, torch.float64, device)
+    u_nc = u.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    W_nc = W.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3).requires_grad_()
+    assert not u_nc.is_contiguous() and not W_nc.is_contiguous()
+    v = capsrouting.capsule_routing(u_nc, W_nc, 3, backend=backend)
+    u_r, W_r = u.clone().requires_grad_(), W.clone().requires_grad_()
+    v_ref = reference.capsule_routing(u_r, W_r, 3)
+    torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(v)
+    for got, want in zip(torch.autograd.grad(v, (u_nc, W_nc), g), torch.autograd.grad(v_ref, (u_r, W_r), g)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    u_hat = reference.predictions(u, W).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert not u_hat.is_contiguous()
+    torch.testing.assert_close(capsrouting.route(u_hat, 3, backend=backend), reference.route(u_hat, 3), rtol=1e-10, atol=1e-10)
+
+
+def test_cpu_weight_gradient_bits_do_not_depend_on_threads():
+    """Each dW[i] is summed over the batch in a fixed order by one thread."""
+    u, W = make_inputs(50, 30, 5, 10, 4, torch.float32, "cpu", requires_grad=True)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            v = capsrouting.capsule_routing(u, W, 3, backend="cpu")
+            grads.append(torch.autograd.grad(v.square().sum(), (u, W)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:
+        assert torch.equal(grads[0][0], other[0]) and torch.equal(grads[0][1], other[1])
+
+
+def test_cpu_never_allocates_B_I_J_elements():
+    # J >= Din padded to 4, so that the lane-minor copy of u is smaller than B*I*J too.
+    B, I, Din, J, Dout = 40, 37, 2, 5, 2
+    u, W = make_inputs(B, I, Din, J, Dout, torch.float32, "cpu", requires_grad=True)
+    limit = B * I * J * u.element_size()
+
+    def step(backend):
+        return lambda: capsrouting.capsule_routing(u, W, 3, backend=backend).square().sum().backward()
+
+    # The measurement can fail: the reference allocates B*I*J*Dout elements (u_hat).
+    assert _largest_allocation_bytes(step("torch")) >= limit * Dout
+    largest = _largest_allocation_bytes(step("cpu"))
+    assert largest < limit, f"cpu path allocated {largest} bytes, limit {limit}"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_opcheck(backend, device):
+    ops = torch.ops.capsrouting
+    u, W = make_inputs(18, 9, 3, 4, 5, torch.float32, device, requires_grad=True)
+    torch.library.opcheck(ops.capsule_routing_ext.default, (u, W, 3))
+    u_hat = reference.predictions(u, W).detach().requires_grad_()
+    torch.library.opcheck(ops.route_ext.default, (u_hat, 2))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_torch_compile_capsnet_training_step_matches_eager(backend, device):
+    from capsrouting.losses import capsnet_loss
+    from capsrouting.models import CapsNet
+
+    torch.manual_seed(0)
+    model = CapsNet(input_size=20, backend=backend).to(device)
+    x = torch.rand(3, 1, 20, 20, device=device)
+    labels = torch.tensor([1, 7, 3], device=device)
+
+    def loss_and_lengths(m):
+        out = m(x, labels)
+        return capsnet_loss(out, x, labels), out.lengths
+
+    def step(fn):
+        loss, lengths = fn(model)
+        return loss, lengths, torch.autograd.grad(loss, list(model.parameters()))
+
+    eager = step(loss_and_lengths)
+    compiled = step(torch.compile(loss_and_lengths, fullgraph=True))
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-5)
+    for got, want in zip(compiled[2], eager[2]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="cpu backend unavailable")
+def test_auto_picks_the_extension_for_cpu_tensors():
+    u, W = make_inputs(2, 5, 3, 4, 5, torch.float32, "cpu")
+    assert resolve("auto", u, W).name == "cpu"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", BAD_INPUT_CASES, ids=[c[0] for c in BAD_INPUT_CASES])
+def test_bad_input_same_errors_as_reference(backend, device, case):
+    _, call, exc, msg = case
+    with pytest.raises(exc, match=msg):
+        call(backend)
+
+
+# The ops check their arguments in C++ too, for callers that bypass the Python API.
+_u, _W = torch.randn(2, 5, 3), torch.randn(5, 4, 6, 3)
+DIRECT_OP_CASES = [
+    ("u_rank", lambda ops: ops.capsule_routing_ext(torch.randn(2, 5), _W, 3), ValueError, r"u must have shape \(B, I, Din\)"),
+    ("I_mismatch", lambda ops: ops.capsule_routing_ext(_u, torch.randn(6, 4, 6, 3), 3), ValueError, r"I = u.shape\[1\] = 5"),
+    ("Din_mismatch", lambda ops: ops.capsule_routing_ext(_u, torch.randn(5, 4, 6, 2), 3), ValueError, r"Din = u.shape\[2\] = 3"),
+    ("int_u", lambda ops: ops.capsule_routing_ext(_u.long(), _W, 3), TypeError, "u must have dtype"),
+    ("mixed_dtype", lambda ops: ops.capsule_routing_ext(_u, _W.double(), 3), TypeError, "same dtype"),
+    ("zero_iterations", lambda ops: ops.route_ext(torch.randn(2, 5, 3, 4), 0), ValueError, "num_iterations must be >= 1"),
+    ("empty_J", lambda ops: ops.route_ext(torch.randn(2, 5, 0, 4), 3), ValueError, "every dimension but the batch"),
+    ("grad_shape", lambda ops: ops.route_ext_backward(torch.randn(2, 3, 5), torch.randn(2, 5, 3, 4), torch.zeros(2, 3, 3, 4), torch.zeros(2, 3, 3, 4), 3),
+     ValueError, r"grad_v must have shape \(B, J, D\) = \(2, 3, 4\)"),
+    ("saved_dtype", lambda ops: ops.route_ext_backward(torch.randn(2, 3, 4), torch.randn(2, 5, 3, 4), torch.zeros(2, 3, 3, 4).double(), torch.zeros(2, 3, 3, 4), 3),
+     TypeError, "s_saved must have dtype Float"),
+]
+
+
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="cpu backend unavailable")
+@pytest.mark.parametrize("case", DIRECT_OP_CASES, ids=[c[0] for c in DIRECT_OP_CASES])
+def test_ops_check_their_arguments_in_cpp(case):
+    _, call, exc, msg = case
+    with pytest.raises(exc, match=msg):
+        call(torch.ops.capsrouting)
