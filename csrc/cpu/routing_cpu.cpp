@@ -99,12 +99,20 @@ inline Lanes<double> lanes_exp(Lanes<double> x) {
   return x;
 }
 
-// Sum of the lanes by a fixed pairwise tree.
-template <typename Vec>
-auto lanes_sum(Vec x) {
-  for (int64_t width = int64_t(sizeof(Vec) / sizeof(x[0])) / 2; width >= 1; width /= 2)
-    for (int64_t l = 0; l < width; ++l) x[l] += x[l + width];
-  return x[0];
+// Sum of the lanes by a fixed pairwise tree of vector halves (the same bits every call).
+inline float lanes_sum(Lanes<float> x) {
+  typedef float Half8 __attribute__((vector_size(32)));
+  typedef float Half4 __attribute__((vector_size(16)));
+  const Half8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Half4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+inline double lanes_sum(Lanes<double> x) {
+  typedef double Half4 __attribute__((vector_size(32)));
+  const Half4 a = __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
+  return (a[0] + a[2]) + (a[1] + a[3]);
 }
 
 struct Sizes {
@@ -132,7 +140,23 @@ struct Predictions {
       const int64_t K = sz.K, Kp = sz.Kp();
       const acc_t* w = W + i * JD * Kp;
       const Vec* u = u_lanes + (chunk * sz.I + i) * Kp;
-      for (int64_t jd = 0; jd < JD; ++jd) {
+      int64_t jd = 0;
+      for (; jd + 4 <= JD; jd += 4) {  // four rows at a time: independent chains share each u[k]
+        Vec a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        const acc_t* w0 = w + jd * Kp;
+        for (int64_t k = 0; k < K; ++k) {
+          const Vec u_k = u[k];
+          a0 += w0[k] * u_k;
+          a1 += w0[Kp + k] * u_k;
+          a2 += w0[2 * Kp + k] * u_k;
+          a3 += w0[3 * Kp + k] * u_k;
+        }
+        uh[jd] = a0;
+        uh[jd + 1] = a1;
+        uh[jd + 2] = a2;
+        uh[jd + 3] = a3;
+      }
+      for (; jd < JD; ++jd) {
         Vec acc = {};
         for (int64_t k = 0; k < K; ++k) acc += w[jd * Kp + k] * u[k];
         uh[jd] = acc;
