@@ -395,8 +395,10 @@ at::Tensor lane_minor(const at::Tensor& u, const Sizes& sz) {
   return padded.view({sz.chunks(), sz.L, sz.I, sz.Kp()}).permute({0, 2, 3, 1}).contiguous();
 }
 
-// W (I, J, Dout, Din) as (I, J, Dout, Kp) in the accumulation type, zero-padded.
+// W (I, J, Dout, Din) as (I, J, Dout, Kp) in the accumulation type, zero-padded (W itself
+// when it already is: no copy for float32 or float64 weights with Din a multiple of kBlockK).
 at::Tensor padded_weights(const at::Tensor& W, const Sizes& sz) {
+  if (sz.K == sz.Kp() && W.scalar_type() == accumulate_type(W)) return W.contiguous();
   auto padded = at::zeros({sz.I, sz.J, sz.D, sz.Kp()}, W.options().dtype(accumulate_type(W)));
   padded.narrow(3, 0, sz.K).copy_(W);
   return padded;

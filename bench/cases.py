@@ -1,0 +1,139 @@
+"""What the benchmarks measure, shared by the pytest-benchmark suite and the report.
+
+A case is (backend, shape, pass). Backends: "reference" (the eager pure-PyTorch op,
+backend "torch"), "compiled" (``torch.compile`` of it), and every fused backend that runs
+on the device ("cpu", "cuda", "triton"). Passes: "forward" (no autograd) and
+"forward+backward" (gradients of u and W).
+"""
+import dataclasses
+import functools
+import time
+from typing import Callable, List
+
+import torch
+
+import capsrouting
+from capsrouting import backends, torch_backend
+
+PASSES = ("forward", "forward+backward")
+# Compared against the eager reference in the same dtype before timing: a sanity check of
+# the benchmarked code (accuracy itself is the test suite's job, with tighter tolerances).
+CHECK_TOLERANCE = {torch.float32: dict(rtol=1e-3, atol=1e-4), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    B: int
+    I: int  # noqa: E741  (the paper's name)
+    Din: int
+    J: int
+    Dout: int
+    R: int
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def label(self) -> str:
+        dtype = str(self.dtype).replace("torch.", "")
+        return f"B{self.B}-I{self.I}-Din{self.Din}-J{self.J}-Dout{self.Dout}-R{self.R}-{dtype}"
+
+
+PAPER = Shape(128, 1152, 8, 10, 16, 3)
+
+
+def sweep(device: str, fast: bool = False) -> List[Shape]:
+    """The paper's layer over batch sizes, then I, J and iterations varied one at a time (B = 32)."""
+    if fast:  # tiny shapes: keeps the benchmark code exercised in CI
+        return [Shape(2, 16, 3, 4, 5, 2)]
+    shapes = [dataclasses.replace(PAPER, B=B) for B in (1, 32, 128, 512)]
+    base = dataclasses.replace(PAPER, B=32)
+    shapes += [dataclasses.replace(base, I=I) for I in (4608, 18432)]
+    shapes += [dataclasses.replace(base, J=J) for J in (32, 64)]
+    shapes += [dataclasses.replace(base, R=R) for R in (1, 5)]
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        shapes.append(dataclasses.replace(PAPER, dtype=torch.bfloat16))
+    return shapes
+
+
+def available_backends(device: str) -> List[str]:
+    fused = [name for name in ("triton", "cuda", "cpu") if backends.unavailable_reason(name) is None
+             and device in backends.get(name).device_types()]
+    return ["reference", "compiled"] + fused
+
+
+def skip_reason(backend: str, shape: Shape, device: str):
+    """None if this backend can run this shape here, else why not."""
+    if backend in ("reference", "compiled"):
+        return None
+    x = torch.empty(shape.B, shape.I, shape.Din, dtype=shape.dtype, device="meta")
+    W = torch.empty(shape.I, shape.J, shape.Dout, shape.Din, dtype=shape.dtype, device="meta")
+    return backends.get(backend).shape_reason(x, W)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_reference(R: int):
+    return torch.compile(lambda u, W: torch_backend.capsule_routing(u, W, R))
+
+
+def routing_fn(backend: str, R: int) -> Callable:
+    if backend == "reference":
+        return lambda u, W: torch_backend.capsule_routing(u, W, R)
+    if backend == "compiled":
+        return _compiled_reference(R)
+    return lambda u, W: capsrouting.capsule_routing(u, W, R, backend=backend)
+
+
+def make_inputs(shape: Shape, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(shape.B, shape.I, shape.Din, generator=g)
+    W = torch.randn(shape.I, shape.J, shape.Dout, shape.Din, generator=g) / shape.Din**0.5 / shape.I**0.25
+    grad_v = torch.randn(shape.B, shape.J, shape.Dout, generator=g)
+    cast = dict(device=device, dtype=shape.dtype)
+    return u.to(**cast).requires_grad_(), W.to(**cast).requires_grad_(), grad_v.to(**cast)
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_runner(backend: str, shape: Shape, pass_: str, device: str) -> Callable[[], None]:
+    """A no-argument callable that runs one pass of one case (and waits for the device)."""
+    fn = routing_fn(backend, shape.R)
+    u, W, grad_v = make_inputs(shape, device)
+
+    def forward():
+        with torch.no_grad():
+            fn(u, W)
+        _synchronize(device)
+
+    def forward_backward():
+        torch.autograd.grad(fn(u, W), (u, W), grad_v)
+        _synchronize(device)
+
+    return forward if pass_ == "forward" else forward_backward
+
+
+def check(backend: str, shape: Shape, device: str) -> None:
+    """Forward and both gradients of ``backend`` against the eager reference, same inputs."""
+    if backend == "reference":
+        return
+    u, W, grad_v = make_inputs(shape, device)
+    results = []
+    for name in (backend, "reference"):
+        v = routing_fn(name, shape.R)(u, W)
+        results.append([v, *torch.autograd.grad(v, (u, W), grad_v)])
+    for label, got, want in zip(["v", "du", "dW"], *results):
+        torch.testing.assert_close(got.float(), want.float(), **CHECK_TOLERANCE[shape.dtype],
+                                   msg=lambda m: f"{backend} {shape.label} {label}: {m}")
+
+
+def median_ms(run: Callable[[], None], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return 1e3 * times[len(times) // 2]

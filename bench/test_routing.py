@@ -1,0 +1,29 @@
+"""Routing op benchmarks: every available backend x pass x shape of the sweep (bench/cases.py).
+
+    pytest bench/ --benchmark-only [--benchmark-json out.json]
+
+Each case is checked against the eager reference once, before it is timed; peak memory of
+the case goes into the benchmark's extra_info.
+"""
+import pytest
+
+from bench import cases, memory
+from bench.training import training_images_per_second
+
+
+def test_routing(benchmark, backend, shape, pass_, device):
+    reason = cases.skip_reason(backend, shape, device)
+    if reason is not None:
+        pytest.skip(reason)
+    cases.check(backend, shape, device)
+    run = cases.make_runner(backend, shape, pass_, device)
+    run()  # warm-up: compilation, the extension's first load
+    benchmark.extra_info["peak_memory_MB"] = memory.peak_bytes(run, device) / 2**20
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+
+
+def test_training_step(benchmark, backend, device, fast):
+    batch, steps = (2, 1) if fast else ((32, 3) if device == "cpu" else (128, 10))
+    images_per_second = training_images_per_second(backend, device, batch, steps)
+    benchmark.extra_info["images_per_second"] = images_per_second
+    benchmark.pedantic(lambda: training_images_per_second(backend, device, batch, 1, warmup=0), rounds=1, iterations=1)

@@ -1,0 +1,42 @@
+"""The benchmark code runs (tiny shapes, nothing timed for real), so it cannot rot between GPU sessions."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(command, **kwargs):
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, **kwargs)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_benchmark_suite_runs_in_fast_mode():
+    out = _run([sys.executable, "-m", "pytest", "bench", "--bench-fast", "--benchmark-disable", "-q", "-p", "no:cacheprovider"])
+    assert " passed" in out and "failed" not in out
+
+
+def test_report_writes_json_table_and_plots(tmp_path):
+    _run([sys.executable, "-m", "bench.report", "--fast", "--repeats", "1", "--out-dir", str(tmp_path)])
+    [record] = list(tmp_path.glob("*.json"))
+    data = json.loads(record.read_text())
+    assert data["device"] == ("cuda" if torch.cuda.is_available() else "cpu") and data["date"] and data["command"]
+    backends = {r["backend"] for r in data["routing"]}
+    assert {"reference", "compiled"} <= backends
+    assert all(r["ms"] > 0 for r in data["routing"]) and all(t["images_per_second"] > 0 for t in data["training"])
+    table = record.with_suffix(".md").read_text()
+    assert "| shape (B, I, Din, J, Dout, R, dtype) |" in table and "images/s" in table
+    for plot in ("time_vs_B", "time_vs_I", "speedup"):
+        assert (tmp_path / f"{record.stem}-{plot}.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, bench/gpu_suite.sh is the real run, not a test")
+def test_gpu_suite_skips_cleanly_without_a_gpu():
+    out = _run(["bash", "bench/gpu_suite.sh"], env=dict(os.environ))
+    assert "gpu_suite: skipped: no CUDA device" in out
