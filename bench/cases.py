@@ -6,7 +6,6 @@ on the device ("cpu", "cuda", "triton"). Passes: "forward" (no autograd) and
 "forward+backward" (gradients of u and W).
 """
 import dataclasses
-import functools
 import time
 from typing import Callable, List
 
@@ -69,9 +68,11 @@ def skip_reason(backend: str, shape: Shape, device: str):
     return backends.get(backend).shape_reason(x, W)
 
 
-@functools.lru_cache(maxsize=None)
 def _compiled_reference(R: int):
-    return torch.compile(lambda u, W: torch_backend.capsule_routing(u, W, R))
+    # A fresh compile per case: dynamo caches per code object, and a sweep of shapes and
+    # passes would otherwise hit its recompile limit and silently run the eager code.
+    torch._dynamo.reset()
+    return torch.compile(lambda u, W: torch_backend.capsule_routing(u, W, R), dynamic=False)
 
 
 def routing_fn(backend: str, R: int) -> Callable:

@@ -83,7 +83,7 @@ def run_training(device: str, fast: bool) -> list:
     batch, steps = (2, 1) if fast else ((32, 3) if device == "cpu" else (128, 20))
     out = []
     for backend in cases.available_backends(device):
-        ips = training_images_per_second(backend, device, batch, steps)
+        ips = training_images_per_second(backend, device, batch, steps, compile_backend="aot_eager" if fast else "inductor")
         out.append(dict(backend=backend, batch=batch, steps=steps, images_per_second=ips))
         print(f"  training step {backend:10s} batch {batch}: {ips:8.1f} images/s", flush=True)
     return out

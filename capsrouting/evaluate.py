@@ -1,0 +1,148 @@
+"""Evaluate trained checkpoints: ``python -m capsrouting.evaluate CHECKPOINT [CHECKPOINT ...]``.
+
+* Test error on MNIST (on the expanded, centered canvas when the model was trained on one).
+* ``--affine``: the paper's affine-robustness experiment. Accuracy on an affNIST-like
+  test set generated deterministically from the MNIST test images (``affine_test_set``),
+  next to the expanded-MNIST accuracy, one row per checkpoint (CapsNet vs baseline).
+* ``--pictures DIR`` (CapsNet with a decoder): ``reconstructions.png``, test inputs over
+  their reconstructions, and ``perturbations.png``, the paper's Fig. 4: each of the 16
+  dimensions of the winning capsule moved over [-0.25, 0.25] in steps of 0.05, decoded.
+
+Checkpoints are loaded with ``weights_only=True``.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import data
+from .train import build_model, prepare_images
+
+# affNIST-like transforms, per test image, drawn uniformly from these ranges (after the digit
+# is centered on the canvas): rotation in degrees, horizontal shear factor, scale per axis,
+# and translation in pixels per axis, which keeps a 28 x 28 digit on a 40 x 40 canvas.
+AFFINE_RANGES = dict(rotation_degrees=(-20.0, 20.0), shear=(-0.2, 0.2), scale=(0.8, 1.2), translation_pixels=(-6.0, 6.0))
+
+
+def affine_test_set(images_uint8: torch.Tensor, canvas: int = 40, seed: int = 0) -> torch.Tensor:
+    """The MNIST test images, centered on the canvas, each under its own random affine map (seeded)."""
+    x = prepare_images(images_uint8, canvas, 0, None)  # (N, 1, S, S), centered
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(low_high):
+        low, high = low_high
+        return low + (high - low) * torch.rand(n, generator=g, dtype=torch.float64)
+
+    angle = uniform(AFFINE_RANGES["rotation_degrees"]) * math.pi / 180
+    shear = uniform(AFFINE_RANGES["shear"])
+    sx, sy = uniform(AFFINE_RANGES["scale"]), uniform(AFFINE_RANGES["scale"])
+    tx, ty = uniform(AFFINE_RANGES["translation_pixels"]), uniform(AFFINE_RANGES["translation_pixels"])
+    cos, sin, zero, one = torch.cos(angle), torch.sin(angle), torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+    rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    shearing = torch.stack([torch.stack([one, shear], -1), torch.stack([zero, one], -1)], -2)
+    scaling = torch.diag_embed(torch.stack([sx, sy], -1))
+    forward = rotation @ shearing @ scaling  # image -> transformed image, in normalised coordinates
+    shift = torch.stack([tx, ty], -1) * 2 / canvas
+    # affine_grid maps output coordinates to input ones: the inverse map.
+    inverse = torch.linalg.inv(forward)
+    theta = torch.cat([inverse, -(inverse @ shift.unsqueeze(-1))], -1).float()
+    grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def load_checkpoint(path, device):
+    state = torch.load(path, map_location=device, weights_only=True)
+    model = build_model(state["config"]).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval(), state["config"]
+
+
+@torch.no_grad()
+def accuracy(model, config, images: torch.Tensor, labels: torch.Tensor, device, batch_size: int = 500) -> float:
+    """images: float (N, 1, S, S), already prepared."""
+    right = 0
+    for start in range(0, len(labels), batch_size):
+        x, y = images[start:start + batch_size].to(device), labels[start:start + batch_size].to(device)
+        scores = model(x) if config["model"] == "baseline" else model(x).lengths
+        right += int((scores.argmax(1) == y).sum())
+    return right / max(1, len(labels))
+
+
+def _save_grid(rows, path: Path) -> None:
+    """rows: list of lists of (S, S) images in [0, 1], written as one grey PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = torch.cat([torch.cat([img.clamp(0, 1) for img in row], dim=1) for row in rows], dim=0)
+    plt.imsave(path, grid.cpu().numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+
+
+@torch.no_grad()
+def pictures(model, config, images: torch.Tensor, out_dir: Path, count: int = 8) -> list:
+    """Reconstructions and the capsule-dimension perturbation figure of a CapsNet with a decoder."""
+    if config["model"] != "capsnet" or model.decoder is None:
+        raise ValueError("pictures need a CapsNet trained with its reconstruction decoder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    x = images[:count].to(device)
+    out = model(x)
+    size = x.shape[-1]
+    recon = out.reconstructions.view(-1, size, size)
+    _save_grid([[img[0] for img in x], list(recon)], out_dir / "reconstructions.png")
+
+    steps = torch.arange(-0.25, 0.25 + 1e-9, 0.05, device=device)  # 11 values
+    rows = []
+    for n in range(min(3, count)):
+        v, winner = out.digit_caps[n], int(out.lengths[n].argmax())
+        for d in range(v.shape[-1]):
+            moved = v.expand(len(steps), -1, -1).clone()
+            moved[:, winner, d] += steps
+            mask = torch.zeros(1, v.shape[0], 1, device=device)
+            mask[0, winner] = 1
+            rows.append(list(model.decoder((moved * mask).flatten(1)).view(-1, size, size)))
+    _save_grid(rows, out_dir / "perturbations.png")
+    return [out_dir / "reconstructions.png", out_dir / "perturbations.png"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m capsrouting.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoints", nargs="+", type=Path)
+    p.add_argument("--data-dir", default=None, help="MNIST IDX files (default: $CAPSROUTING_DATA)")
+    p.add_argument("--affine", action="store_true", help="also the affNIST-like test set (canvas-trained models)")
+    p.add_argument("--affine-seed", type=int, default=0)
+    p.add_argument("--pictures", type=Path, default=None, help="write reconstruction and perturbation PNGs here")
+    p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    images, labels = data.load_mnist(args.data_dir, "test")
+    if args.test_subset:
+        images, labels = images[: args.test_subset], labels[: args.test_subset]
+    header = "| checkpoint | model | MNIST test set | accuracy | test error |" + (" affNIST-like accuracy |" if args.affine else "")
+    print(header)
+    print("| --- " * header.count("|") + "|")
+    for path in args.checkpoints:
+        model, config = load_checkpoint(path, args.device)
+        canvas = config["canvas"]
+        expanded = accuracy(model, config, prepare_images(images, canvas, 0, None), labels, args.device)
+        row = f"| {path} | {config['model']} | {'expanded, %dx%d' % (canvas, canvas) if canvas else 'standard'} | " \
+              f"{100 * expanded:.2f}% | {100 * (1 - expanded):.2f}% |"
+        if args.affine:
+            if not canvas:
+                raise SystemExit(f"{path}: the affine test set needs a model trained on a canvas (--canvas 40)")
+            row += f" {100 * accuracy(model, config, affine_test_set(images, canvas, args.affine_seed), labels, args.device):.2f}% |"
+        print(row)
+        if args.pictures is not None and config["model"] == "capsnet" and model.decoder is not None:
+            written = pictures(model, config, prepare_images(images, canvas, 0, None), args.pictures / Path(path).stem)
+            print("wrote " + ", ".join(str(w) for w in written), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

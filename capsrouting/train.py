@@ -1,0 +1,228 @@
+"""Train the paper's CapsNet or its baseline CNN on MNIST: ``python -m capsrouting.train``.
+
+Paper defaults (Sabour, Frosst & Hinton, 2017): Adam, lr 1e-3 decayed by a factor
+every epoch, batch 128, random shifts of up to 2 pixels, margin loss + 0.0005 x
+reconstruction loss. ``--canvas 40`` trains on digits placed at random on a 40 x 40
+canvas (the paper's affNIST training set).
+
+Reproducible and resumable: the model is initialised from ``--seed``; every epoch
+draws its shuffle, its augmentation and its dropout from generators seeded by
+(seed, epoch), so a run resumed from the checkpoint of epoch e (``--resume``) ends
+with the same weights as one that never stopped. Checkpoints are written
+atomically (temporary file, then rename) after every epoch: ``last.pt`` and
+``best.pt`` (lowest test error); a JSON line per epoch goes to ``log.jsonl``.
+
+Scales out with torchrun: ``torchrun --nproc_per_node N -m capsrouting.train ...``
+trains with DistributedDataParallel (gloo on CPU, NCCL on CUDA); each process takes
+its share of every epoch's shuffle, and rank 0 writes the files.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from . import data
+from .losses import capsnet_loss
+from .models import BaselineCNN, CapsNet
+
+_SEED_STRIDE = 1_000_003  # separates the per-epoch generators of different seeds
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m capsrouting.train", description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["capsnet", "baseline"], default="capsnet")
+    p.add_argument("--iterations", type=int, default=3, help="routing iterations (CapsNet)")
+    p.add_argument("--no-reconstruction", action="store_true", help="CapsNet without the decoder and its loss")
+    p.add_argument("--backend", default="auto", help="routing backend: auto, torch, cpu, cuda, triton")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=128, help="per process")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-decay", type=float, default=0.96, help="learning rate factor per epoch")
+    p.add_argument("--reconstruction-weight", type=float, default=0.0005)
+    p.add_argument("--shift", type=int, default=2, help="random shift in pixels (MNIST training)")
+    p.add_argument("--canvas", type=int, default=None, help="train on a random position of a CANVAS x CANVAS canvas")
+    p.add_argument("--train-subset", type=int, default=None, help="train on the first N training images")
+    p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--max-steps", type=int, default=None, help="stop every epoch after this many steps (smoke runs)")
+    p.add_argument("--data-dir", default=None, help="MNIST IDX files (default: $CAPSROUTING_DATA)")
+    p.add_argument("--out-dir", default="runs/capsnet", help="checkpoints, log.jsonl")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "iterations"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.canvas is not None and args.canvas < 28:
+        p.error(f"--canvas must be >= 28 (the MNIST image size), got {args.canvas}")
+    return args
+
+
+def build_model(config: dict) -> nn.Module:
+    size = config["canvas"] or 28
+    if config["model"] == "baseline":
+        return BaselineCNN(input_size=size)
+    return CapsNet(input_size=size, num_iterations=config["iterations"],
+                   reconstruction=not config["no_reconstruction"], backend=config["backend"])
+
+
+def prepare_images(images_uint8: torch.Tensor, canvas: Optional[int], shift: int, generator: Optional[torch.Generator]):
+    """uint8 (B, 28, 28) -> float (B, 1, S, S): on the canvas (random place, or centered without a
+    generator), else shifted at random by up to ``shift`` pixels (none without a generator)."""
+    x = images_uint8.unsqueeze(1).float().div_(255.0)
+    if canvas is not None:
+        margin = canvas - 28
+        x = nn.functional.pad(x, (margin // 2, margin - margin // 2, margin // 2, margin - margin // 2))
+        # Centered, then shifted by up to margin/2: every position on the canvas (odd margins aside).
+        return data.shift_batch(x, margin // 2, generator) if generator is not None else x
+    return data.shift_batch(x, shift, generator) if generator is not None and shift > 0 else x
+
+
+def loss_and_correct(model, config, images, labels):
+    if config["model"] == "baseline":
+        logits = model(images)
+        return nn.functional.cross_entropy(logits, labels), (logits.argmax(1) == labels).sum()
+    out = model(images, labels)
+    loss = capsnet_loss(out, images, labels, reconstruction_weight=config["reconstruction_weight"])
+    return loss, (out.lengths.argmax(1) == labels).sum()
+
+
+@torch.no_grad()
+def test_error(model, config, images, labels, device, batch_size: int = 500) -> float:
+    """Test error (fraction) on MNIST test images, centered on the canvas when training used one."""
+    model.eval()
+    wrong = 0
+    for start in range(0, len(labels), batch_size):
+        x = prepare_images(images[start:start + batch_size], config["canvas"], 0, None).to(device)
+        y = labels[start:start + batch_size].to(device)
+        scores = model(x) if config["model"] == "baseline" else model(x).lengths
+        wrong += int((scores.argmax(1) != y).sum())
+    model.train()
+    return wrong / max(1, len(labels))
+
+
+def save_atomically(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def parameter_checksum(model: nn.Module) -> str:
+    """Bit-exact fingerprint of the weights (for comparing replicas)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = vars(args)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    device = torch.device(args.device)
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    out_dir = Path(args.out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    train_images, train_labels = data.load_mnist(args.data_dir, "train")
+    test_images, test_labels = data.load_mnist(args.data_dir, "test")
+    if args.train_subset:
+        train_images, train_labels = train_images[: args.train_subset], train_labels[: args.train_subset]
+    if args.test_subset:
+        test_images, test_labels = test_images[: args.test_subset], test_labels[: args.test_subset]
+
+    torch.manual_seed(args.seed)
+    model = build_model(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_decay)
+    start_epoch, best = 0, math.inf
+    if args.resume and (out_dir / "last.pt").exists():
+        state = torch.load(out_dir / "last.pt", map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best = state["epoch"] + 1, state["best_test_error"]
+    trained = nn.parallel.DistributedDataParallel(model) if distributed else model
+
+    steps_per_epoch = len(train_labels) // (args.batch_size * world)
+    if args.max_steps:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"the training set ({len(train_labels)} images) is smaller than one step of "
+                         f"{args.batch_size} x {world} processes")
+    log = (out_dir / "log.jsonl").open("a") if rank == 0 else None
+    for epoch in range(start_epoch, args.epochs):
+        # Everything random in this epoch comes from (seed, epoch): resuming repeats it exactly.
+        epoch_seed = args.seed * _SEED_STRIDE + epoch
+        order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(epoch_seed))
+        augment = torch.Generator().manual_seed(epoch_seed + 1)
+        torch.manual_seed(epoch_seed + 2)  # dropout
+        started, total_loss, correct, seen, first_loss = time.perf_counter(), 0.0, 0, 0, None
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0 or args.no_progress,
+                   leave=False, dynamic_ncols=True)
+        for step in bar:
+            # Every process draws the augmentation of the whole step, then keeps its own share.
+            indices = order[step * world * args.batch_size:(step + 1) * world * args.batch_size]
+            mine = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
+            x = prepare_images(train_images[indices], args.canvas, args.shift, augment)[mine].to(device)
+            y = train_labels[indices][mine].to(device)
+            loss, hits = loss_and_correct(trained, config, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step_loss = loss.detach().item()
+            first_loss = step_loss if first_loss is None else first_loss
+            total_loss, correct, seen = total_loss + step_loss * len(y), correct + int(hits), seen + len(y)
+            seconds = time.perf_counter() - started
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}", img_s=f"{seen * world / seconds:.0f}")
+        seconds = time.perf_counter() - started
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        if rank != 0:
+            continue
+        error = test_error(model, config, test_images, test_labels, device)
+        best = min(best, error)
+        record = dict(epoch=epoch + 1, train_loss=total_loss / seen, first_step_loss=first_loss, last_step_loss=step_loss,
+                      train_accuracy=correct / seen, test_error=error, lr=lr, seconds=seconds,
+                      images_per_second=seen * world / seconds)
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                     epoch=epoch, best_test_error=best, config=config)
+        save_atomically(state, out_dir / "last.pt")
+        if error == best:
+            save_atomically(state, out_dir / "best.pt")
+        tqdm.write(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, train accuracy {record['train_accuracy']:.4f}, "
+                   f"test error {100 * error:.2f}%, {record['images_per_second']:.0f} images/s", file=sys.stderr)
+    if distributed:
+        checksums = [None] * world
+        dist.all_gather_object(checksums, parameter_checksum(model))
+        if rank == 0:
+            log.write(json.dumps(dict(event="replicas", checksums=checksums, identical=len(set(checksums)) == 1)) + "\n")
+        dist.destroy_process_group()
+    if log is not None:
+        log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
