@@ -9,7 +9,8 @@ from typing import Callable
 import torch
 
 
-def _cpu_peak_bytes(run: Callable[[], None]) -> int:
+def _cpu_allocation_events(run: Callable[[], None]) -> list:
+    """(time, bytes) of every CPU allocation (positive) and free (negative) during run(), in order."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -22,13 +23,21 @@ def _cpu_peak_bytes(run: Callable[[], None]) -> int:
             yield from walk(node.children)
 
     tree = prof.profiler.kineto_results.experimental_event_tree()
-    events = sorted((n.start_time_ns, n.extra_fields.alloc_size) for n in walk(tree)
-                    if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu")
+    return sorted((n.start_time_ns, n.extra_fields.alloc_size) for n in walk(tree)
+                  if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu")
+
+
+def _cpu_peak_bytes(run: Callable[[], None]) -> int:
     live = peak = 0
-    for _, size in events:  # frees carry negative sizes
+    for _, size in _cpu_allocation_events(run):
         live += size
         peak = max(peak, live)
     return peak
+
+
+def largest_allocation_bytes(run: Callable[[], None]) -> int:
+    """The largest single CPU allocation of run(): shows whether a B*I*J*D tensor was made."""
+    return max((size for _, size in _cpu_allocation_events(run)), default=0)
 
 
 def peak_bytes(run: Callable[[], None], device: str) -> int:

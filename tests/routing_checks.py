@@ -95,3 +95,61 @@ BAD_INPUT_CASES = [
     ("route_int", _route(torch.ones(2, 5, 3, 4, dtype=torch.int32)), TypeError, "u_hat must have dtype"),
     ("route_negative_iterations", _route(torch.randn(2, 5, 3, 4), -1), ValueError, "num_iterations"),
 ]
+
+
+def assert_empty_batch_works(backend, device):
+    """B = 0: empty outputs, zero dW, gradients of the right shapes."""
+    u, W = make_inputs(0, 37, 8, 10, 16, torch.float32, device, requires_grad=True)
+    v = capsrouting.capsule_routing(u, W, 3, backend=backend)
+    assert v.shape == (0, 10, 16)
+    v.sum().backward()
+    assert torch.equal(W.grad, torch.zeros_like(W)) and u.grad.shape == u.shape
+    u_hat = torch.zeros(0, 5, 3, 4, device=device, requires_grad=True)
+    capsrouting.route(u_hat, 2, backend=backend).sum().backward()
+    assert u_hat.grad.shape == u_hat.shape
+
+
+def assert_non_contiguous_inputs_work(backend, device):
+    """Transposed-then-restored views of u, W and u_hat give the reference's values and gradients (float64)."""
+    u, W = make_inputs(3, 20, 8, 6, 4, torch.float64, device)
+    u_nc = u.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    W_nc = W.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3).requires_grad_()
+    assert not u_nc.is_contiguous() and not W_nc.is_contiguous()
+    v = capsrouting.capsule_routing(u_nc, W_nc, 3, backend=backend)
+    u_r, W_r = u.clone().requires_grad_(), W.clone().requires_grad_()
+    v_ref = reference.capsule_routing(u_r, W_r, 3)
+    torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(v)
+    for got, want in zip(torch.autograd.grad(v, (u_nc, W_nc), g), torch.autograd.grad(v_ref, (u_r, W_r), g)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    u_hat = reference.predictions(u, W).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert not u_hat.is_contiguous()
+    torch.testing.assert_close(capsrouting.route(u_hat, 3, backend=backend), reference.route(u_hat, 3), rtol=1e-10, atol=1e-10)
+
+
+def assert_compiled_capsnet_step_matches_eager(backend, device, compile_backend="inductor"):
+    """torch.compile(fullgraph=True) of a CapsNet forward and loss; gradients through the compiled backward."""
+    from capsrouting.losses import capsnet_loss
+    from capsrouting.models import CapsNet
+
+    torch.manual_seed(0)
+    model = CapsNet(input_size=20, backend=backend).to(device)  # 128 primary capsules: quick
+    x = torch.rand(3, 1, 20, 20, device=device)
+    labels = torch.tensor([1, 7, 3], device=device)
+
+    def loss_and_lengths(m):
+        out = m(x, labels)
+        return capsnet_loss(out, x, labels), out.lengths
+
+    def step(fn):
+        # The backward of a compiled function is compiled too (AOTAutograd), so gradients
+        # taken outside it still run through the traced backward ops.
+        loss, lengths = fn(model)
+        return loss, lengths, torch.autograd.grad(loss, list(model.parameters()))
+
+    eager = step(loss_and_lengths)
+    compiled = step(torch.compile(loss_and_lengths, fullgraph=True, backend=compile_backend))
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-5)
+    for got, want in zip(compiled[2], eager[2]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -10,7 +10,14 @@ import capsrouting
 from capsrouting import reference
 from capsrouting.backends import unavailable_reason
 
-from routing_checks import BAD_INPUT_CASES, assert_matches_reference, make_inputs
+from routing_checks import (
+    BAD_INPUT_CASES,
+    assert_compiled_capsnet_step_matches_eager,
+    assert_empty_batch_works,
+    assert_matches_reference,
+    assert_non_contiguous_inputs_work,
+    make_inputs,
+)
 
 pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None, reason=f"triton backend: {unavailable_reason('triton')}")
 
@@ -85,25 +92,11 @@ def test_gradcheck_float64():
 
 
 def test_empty_batch():
-    u, W = make_inputs(0, 37, 8, 10, 16, torch.float32, DEVICE, requires_grad=True)
-    v = capsrouting.capsule_routing(u, W, 3, backend="triton")
-    assert v.shape == (0, 10, 16)
-    v.sum().backward()
-    assert torch.equal(W.grad, torch.zeros_like(W)) and u.grad.shape == u.shape
+    assert_empty_batch_works("triton", DEVICE)
 
 
 def test_non_contiguous_inputs():
-    u, W = make_inputs(3, 20, 8, 6, 4, torch.float64, DEVICE)
-    u_nc = u.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
-    W_nc = W.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3).requires_grad_()
-    assert not u_nc.is_contiguous() and not W_nc.is_contiguous()
-    v = capsrouting.capsule_routing(u_nc, W_nc, 3, backend="triton")
-    u_r, W_r = u.clone().requires_grad_(), W.clone().requires_grad_()
-    v_ref = reference.capsule_routing(u_r, W_r, 3)
-    torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-10)
-    g = torch.randn_like(v)
-    for got, want in zip(torch.autograd.grad(v, (u_nc, W_nc), g), torch.autograd.grad(v_ref, (u_r, W_r), g)):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert_non_contiguous_inputs_work("triton", DEVICE)
 
 
 def test_weight_gradient_is_bitwise_reproducible(monkeypatch):
@@ -172,31 +165,8 @@ def test_opcheck():
 
 
 def test_torch_compile_capsnet_training_step_matches_eager():
-    from capsrouting.losses import capsnet_loss
-    from capsrouting.models import CapsNet
-
-    torch.manual_seed(0)
-    model = CapsNet(input_size=20, backend="triton").to(DEVICE)  # 128 primary capsules: quick under the interpreter
-    x = torch.rand(3, 1, 20, 20, device=DEVICE)
-    labels = torch.tensor([1, 7, 3], device=DEVICE)
-
-    def loss_and_lengths(m):
-        out = m(x, labels)
-        return capsnet_loss(out, x, labels), out.lengths
-
-    def step(fn):
-        # The backward of a compiled function is compiled too (AOTAutograd), so gradients
-        # taken outside it still run through the traced backward ops.
-        loss, lengths = fn(model)
-        return loss, lengths, torch.autograd.grad(loss, list(model.parameters()))
-
-    eager = step(loss_and_lengths)
-    compiled_fn = torch.compile(loss_and_lengths, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
-    compiled = step(compiled_fn)
-    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-5)
-    for got, want in zip(compiled[2], eager[2]):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # Under the interpreter, aot_eager: Inductor would only add its own code generation time.
+    assert_compiled_capsnet_step_matches_eager("triton", DEVICE, "aot_eager" if DEVICE == "cpu" else "inductor")
 
 
 def test_auto_choice():

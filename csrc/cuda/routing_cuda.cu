@@ -117,6 +117,18 @@ __device__ void softmax_warp0(const Sizes& sz, acc_t* c, acc_t* g) {
   for (int64_t j = lane; j < sz.J; j += 32) g[j] = c[j] * (g[j] - weighted);
 }
 
+// The whole block: c = couplings of the tile uh against V(r-1) = Vp, and g = their gradients
+// c * (g_c - sum c g_c) with g_c = dot(g_s, uh), g_s = gs. Ends synchronized.
+template <typename acc_t>
+__device__ void couplings_and_gradients(const Sizes& sz, const acc_t* uh, const acc_t* Vp, const acc_t* gs, acc_t* c,
+                                        acc_t* g) {
+  row_dots(sz, uh, Vp, c);
+  row_dots(sz, uh, gs, g);
+  __syncthreads();
+  softmax_warp0(sz, c, g);
+  __syncthreads();
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(Sizes sz, const scalar_t* __restrict__ x, const scalar_t* __restrict__ W, scalar_t* __restrict__ v,
@@ -224,11 +236,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();
       load_predictions(sz, x, W, b, i, uh);
       __syncthreads();
-      row_dots(sz, uh, Vp, c);
-      row_dots(sz, uh, gs, g);
-      __syncthreads();
-      softmax_warp0(sz, c, g);
-      __syncthreads();
+      couplings_and_gradients(sz, uh, Vp, gs, c, g);
 #pragma unroll
       for (int q = 0; q < kOwned; ++q) {
         const int64_t e = threadIdx.x + q * kThreads;
@@ -271,13 +279,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         Vp[e] = Vprev_saved[(b * R + r) * JD + e];
       }
       __syncthreads();
-      if (r > 0) {  // r = 0: uniform couplings, and V(0) = 0 cancels the g_b term
-        row_dots(sz, uh, Vp, c);
-        row_dots(sz, uh, gs, g);
-        __syncthreads();
-        softmax_warp0(sz, c, g);
-        __syncthreads();
-      }
+      if (r > 0) couplings_and_gradients(sz, uh, Vp, gs, c, g);  // r = 0: uniform, and V(0) = 0 cancels g_b
 #pragma unroll
       for (int q = 0; q < kOwned; ++q) {
         const int64_t e = threadIdx.x + q * kThreads;
