@@ -48,7 +48,7 @@ def sweep(device: str, fast: bool = False) -> List[Shape]:
     shapes += [dataclasses.replace(base, I=I) for I in (4608, 18432)]
     shapes += [dataclasses.replace(base, J=J) for J in (32, 64)]
     shapes += [dataclasses.replace(base, R=R) for R in (1, 5)]
-    if device == "cuda" and torch.cuda.is_bf16_supported():
+    if device == "cpu" or torch.cuda.is_bf16_supported():  # bfloat16 where the device has it
         shapes.append(dataclasses.replace(PAPER, dtype=torch.bfloat16))
     return shapes
 

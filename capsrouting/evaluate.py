@@ -74,7 +74,10 @@ def accuracy(model, config, images: torch.Tensor, labels: torch.Tensor, device, 
 
 def _save_grid(rows, path: Path) -> None:
     """rows: list of lists of (S, S) images in [0, 1], written as one grey PNG."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("the pictures need matplotlib: pip install matplotlib (or capsrouting[train])") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -117,14 +117,14 @@ def save_atomically(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def parameter_checksum(model: nn.Module) -> str:
-    """Bit-exact fingerprint of the weights (for comparing replicas)."""
+def parameter_checksum(model: nn.Module) -> torch.Tensor:
+    """Bit-exact fingerprint of the weights, as 4 int64 numbers (for comparing replicas)."""
     import hashlib
 
     digest = hashlib.sha256()
     for p in model.parameters():
         digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return torch.frombuffer(bytearray(digest.digest()), dtype=torch.int64).clone()
 
 
 def main(argv=None) -> int:
@@ -214,10 +214,15 @@ def main(argv=None) -> int:
         tqdm.write(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, train accuracy {record['train_accuracy']:.4f}, "
                    f"test error {100 * error:.2f}%, {record['images_per_second']:.0f} images/s", file=sys.stderr)
     if distributed:
-        checksums = [None] * world
-        dist.all_gather_object(checksums, parameter_checksum(model))
+        # Tensors, not all_gather_object: a pickled object held by gloo's work can deadlock teardown.
+        local = parameter_checksum(model)
+        checksums = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(checksums, local)
         if rank == 0:
-            log.write(json.dumps(dict(event="replicas", checksums=checksums, identical=len(set(checksums)) == 1)) + "\n")
+            hexes = [c.numpy().tobytes().hex()[:16] for c in checksums]
+            log.write(json.dumps(dict(event="replicas", checksums=hexes, identical=len(set(hexes)) == 1)) + "\n")
+        del trained  # the DDP reducer goes before its process group
+        dist.barrier()
         dist.destroy_process_group()
     if log is not None:
         log.close()
