@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         images, labels = images[: args.test_subset], labels[: args.test_subset]
     header = "| checkpoint | model | MNIST test set | accuracy | test error |" + (" affNIST-like accuracy |" if args.affine else "")
     print(header)
-    print("| --- " * header.count("|") + "|")
+    print("| --- " * (header.count("|") - 1) + "|")
     for path in args.checkpoints:
         model, config = load_checkpoint(path, args.device)
         canvas = config["canvas"]
