@@ -61,7 +61,7 @@ def test_affine_test_set_is_deterministic_and_moves_the_digits():
 
 
 def test_two_process_ddp_keeps_replicas_identical(mnist_dir, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "capsrouting.train", "--data-dir", str(mnist_dir), "--train-subset", "256", "--test-subset", "100",
                "--batch-size", "16", "--epochs", "1", "--max-steps", "3", "--out-dir", str(tmp_path), "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
