@@ -455,9 +455,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
 std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_v, const at::Tensor& x, const at::Tensor* W,
                                             const at::Tensor& s_saved, const at::Tensor& Vprev_saved, int64_t R) {
   const Sizes sz = sizes_of(x, W, R);
-  auto dx = at::zeros(x.sizes(), x.options());
-  auto dW = W != nullptr ? at::zeros(W->sizes(), W->options()) : at::Tensor();
-  if (sz.B == 0) return {dx, dW};
+  // Phase 2 writes every element of dx and dW; only an empty batch leaves dW to be zeroed.
+  auto dx = at::empty(x.sizes(), x.options());
+  auto dW = W != nullptr ? at::empty(W->sizes(), W->options()) : at::Tensor();
+  if (sz.B == 0) return {dx, W != nullptr ? dW.zero_() : dW};
   const auto acc = accumulate_type(x);
   auto gs_lanes = at::empty({sz.chunks(), R, sz.JD(), sz.L}, x.options().dtype(acc));
   auto Vprev_lanes = at::zeros_like(gs_lanes);

@@ -371,9 +371,10 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_v_in, const a
   const auto x = x_in.contiguous();
   const auto W = W_in != nullptr ? W_in->contiguous() : at::Tensor();
   const auto grad_v = grad_v_in.contiguous(), s_saved = s_in.contiguous(), Vprev_saved = Vprev_in.contiguous();
-  auto dx = at::zeros(x.sizes(), x.options());
-  auto dW = W.defined() ? at::zeros(W.sizes(), W.options()) : at::Tensor();
-  if (sz.B == 0) return {dx, dW};
+  // backward_inputs writes every element of dx and dW; only an empty batch leaves dW to be zeroed.
+  auto dx = at::empty(x.sizes(), x.options());
+  auto dW = W.defined() ? at::empty(W.sizes(), W.options()) : at::Tensor();
+  if (sz.B == 0) return {dx, W.defined() ? dW.zero_() : dW};
   auto gs_saved = at::empty_like(s_saved);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
