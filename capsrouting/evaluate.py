@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import data
-from .train import build_model, prepare_images
+from .train import accuracy, build_model, prepare_images
 
 # affNIST-like transforms, per test image, drawn uniformly from these ranges (after the digit
 # is centered on the canvas): rotation in degrees, horizontal shear factor, scale per axis,
@@ -59,17 +59,6 @@ def load_checkpoint(path, device):
     model = build_model(state["config"]).to(device)
     model.load_state_dict(state["model"])
     return model.eval(), state["config"]
-
-
-@torch.no_grad()
-def accuracy(model, config, images: torch.Tensor, labels: torch.Tensor, device, batch_size: int = 500) -> float:
-    """images: float (N, 1, S, S), already prepared."""
-    right = 0
-    for start in range(0, len(labels), batch_size):
-        x, y = images[start:start + batch_size].to(device), labels[start:start + batch_size].to(device)
-        scores = model(x) if config["model"] == "baseline" else model(x).lengths
-        right += int((scores.argmax(1) == y).sum())
-    return right / max(1, len(labels))
 
 
 def _save_grid(rows, path: Path) -> None:

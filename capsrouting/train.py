@@ -98,17 +98,22 @@ def loss_and_correct(model, config, images, labels):
 
 
 @torch.no_grad()
-def test_error(model, config, images, labels, device, batch_size: int = 500) -> float:
+def accuracy(model, config, images: torch.Tensor, labels: torch.Tensor, device, batch_size: int = 500) -> float:
+    """Fraction classified right; images float (N, 1, S, S), already prepared. The caller sets eval mode."""
+    right = 0
+    for start in range(0, len(labels), batch_size):
+        x, y = images[start:start + batch_size].to(device), labels[start:start + batch_size].to(device)
+        scores = model(x) if config["model"] == "baseline" else model(x).lengths
+        right += int((scores.argmax(1) == y).sum())
+    return right / max(1, len(labels))
+
+
+def test_error(model, config, images, labels, device) -> float:
     """Test error (fraction) on MNIST test images, centered on the canvas when training used one."""
     model.eval()
-    wrong = 0
-    for start in range(0, len(labels), batch_size):
-        x = prepare_images(images[start:start + batch_size], config["canvas"], 0, None).to(device)
-        y = labels[start:start + batch_size].to(device)
-        scores = model(x) if config["model"] == "baseline" else model(x).lengths
-        wrong += int((scores.argmax(1) != y).sum())
+    error = 1.0 - accuracy(model, config, prepare_images(images, config["canvas"], 0, None), labels, device)
     model.train()
-    return wrong / max(1, len(labels))
+    return error
 
 
 def save_atomically(obj, path: Path) -> None:
