@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The one command for a session lent a GPU: build the CUDA extension, run the whole test
-# suite on CUDA, run the benchmark report. Everything lands in bench/results/<device>-<date>.*
+# The one command for a session lent a GPU: build the CUDA extension, check every backend
+# (capsrouting.info), run the whole test suite on CUDA, run the benchmark report. Files land
+# in $CAPSROUTING_RESULTS_DIR (default bench/results/) as <device>-<date>-*. Every stage
+# runs even when an earlier one failed; the script exits non-zero if any stage failed.
 # Without a GPU the CUDA parts are skipped, with the reason, and the script exits 0.
 #
 #   bash bench/gpu_suite.sh            (from the repository root, torch with CUDA installed)
@@ -12,22 +14,33 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
     exit 0
 fi
 
+results="${CAPSROUTING_RESULTS_DIR:-bench/results}"
 device=$(python -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
-stamp="bench/results/${device}-$(date +%F)"
-mkdir -p bench/results
-status=0
+stamp="${results}/${device}-$(date +%F)"
+mkdir -p "${results}"
+failed=()
 
-echo "== building the extension with its CUDA kernels" | tee "${stamp}-build.log"
-FORCE_CUDA=1 pip install --no-build-isolation -e . >> "${stamp}-build.log" 2>&1 || status=1
-python -m capsrouting.info 2>&1 | tee "${stamp}-info.txt"
+# stage NAME LOG COMMAND...: runs COMMAND, its output shown and kept in LOG; a failure is recorded.
+stage() {
+    local name=$1 log=$2
+    shift 2
+    echo "== ${name}"
+    "$@" 2>&1 | tee "${log}"
+    local rc=${PIPESTATUS[0]}
+    if [ "${rc}" -ne 0 ]; then
+        echo "gpu_suite: stage '${name}' failed (exit ${rc}); log: ${log}"
+        failed+=("${name}")
+    fi
+}
 
-echo "== test suite on CUDA"
-python -m pytest -ra 2>&1 | tee "${stamp}-tests.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+stage "build the extension with its CUDA kernels" "${stamp}-build.log" \
+    env FORCE_CUDA=1 pip install --no-build-isolation --no-deps -e .
+stage "capsrouting.info" "${stamp}-info.txt" python -m capsrouting.info
+stage "test suite on CUDA" "${stamp}-tests.txt" python -m pytest -ra
+stage "benchmark report" "${stamp}-report.log" python -m bench.report --out-dir "${results}"
 
-echo "== benchmark report"
-python -m bench.report 2>&1 | tee "${stamp}-report.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-echo "gpu_suite: done (status ${status}); files: ${stamp}*"
-exit "${status}"
+if [ "${#failed[@]}" -ne 0 ]; then
+    echo "gpu_suite: FAILED stages: ${failed[*]}; files: ${stamp}*"
+    exit 1
+fi
+echo "gpu_suite: all stages passed; files: ${stamp}*"

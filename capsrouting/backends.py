@@ -91,9 +91,37 @@ def _announce_once(key, message: str, warn: bool) -> None:
         return
     _announced.add(key)
     if warn:
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
     else:
         logger.info(message)
+
+
+def choose_automatically(device_type: str, x: torch.Tensor, W: Optional[torch.Tensor] = None) -> Backend:
+    """What ``backend="auto"`` runs for a problem shaped like ``x`` (u, or u_hat when ``W``
+    is None) on tensors of ``device_type``: the first backend of the preference order that is
+    available, runs on that device type and covers the shape. Only shapes and dtypes of ``x``
+    and ``W`` are read, so meta tensors describe a problem without allocating it.
+
+    Skipping a backend that exists but cannot run here warns once per (device type, choice).
+    """
+    skipped = []
+    for name in _PREFERENCE.get(device_type, ["torch"]):
+        if name not in _REGISTRY:
+            continue
+        reason = unavailable_reason(name)
+        if reason is None and device_type not in _REGISTRY[name].device_types():
+            reason = f"does not run on {device_type} tensors"
+        if reason is None:
+            reason = _REGISTRY[name].shape_reason(x, W)
+        if reason is None:
+            if skipped:
+                why = "; ".join(f"'{n}': {r}" for n, r in skipped)
+                _announce_once((device_type, name), f"capsrouting: using backend '{name}' for {device_type} tensors ({why})", warn=True)
+            else:
+                _announce_once((device_type, name), f"capsrouting: using backend '{name}' for {device_type} tensors", warn=False)
+            return _REGISTRY[name]
+        skipped.append((name, reason))
+    raise ValueError(f"no backend runs on {device_type} tensors; backends: {_describe_choices()}")
 
 
 def resolve(backend: str, x: torch.Tensor, W: Optional[torch.Tensor] = None) -> Backend:
@@ -101,33 +129,15 @@ def resolve(backend: str, x: torch.Tensor, W: Optional[torch.Tensor] = None) -> 
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string such as 'auto' or 'torch', got {backend!r}")
     device = x.device
-    device_type = device.type
     if backend == "auto":
-        skipped = []
-        for name in _PREFERENCE.get(device_type, ["torch"]):
-            reason = unavailable_reason(name)
-            if reason is None and device_type not in _REGISTRY[name].device_types():
-                reason = f"does not run on {device_type} tensors"
-            if reason is None:
-                reason = _REGISTRY[name].shape_reason(x, W)
-            if reason is None:
-                if skipped:
-                    why = "; ".join(f"'{n}': {r}" for n, r in skipped)
-                    _announce_once((device_type, name), f"capsrouting: using backend '{name}' for {device_type} tensors ({why})", warn=True)
-                else:
-                    _announce_once((device_type, name), f"capsrouting: using backend '{name}' for {device_type} tensors", warn=False)
-                return _REGISTRY[name]
-            # Only a backend that exists but cannot run here is worth a warning.
-            if name in _REGISTRY:
-                skipped.append((name, reason))
-        raise ValueError(f"no backend runs on {device_type} tensors; backends: {_describe_choices()}")
+        return choose_automatically(device.type, x, W)
     reason = unavailable_reason(backend)
     if reason is not None:
         raise ValueError(
             f"backend must be 'auto' or an available backend, got '{backend}'; backends: {_describe_choices()}"
         )
     selected = _REGISTRY[backend]
-    if device_type not in selected.device_types():
+    if device.type not in selected.device_types():
         raise ValueError(
             f"backend '{backend}' runs on {', '.join(selected.device_types())} tensors, "
             f"got tensors on {device}; backends: {_describe_choices()}"

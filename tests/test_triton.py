@@ -169,20 +169,12 @@ def test_torch_compile_capsnet_training_step_matches_eager():
     assert_compiled_capsnet_step_matches_eager("triton", DEVICE, "aot_eager" if DEVICE == "cpu" else "inductor")
 
 
-def test_auto_choice():
-    u, W = make_inputs(2, 5, 3, 4, 5, torch.float32, DEVICE)
-    from capsrouting.backends import resolve
-
-    # The interpreter is for testing, never chosen automatically.
-    assert resolve("auto", u, W).name != "triton" if DEVICE == "cpu" else resolve("auto", u, W).name == "triton"
-    too_big = torch.zeros(2, 3, 65, 4)
-    assert resolve("auto", too_big).name != "triton"
+def test_sizes_beyond_the_kernels_raise_when_triton_is_asked_for():
+    # (The automatic choice around these limits: tests/test_backend_choice.py.)
     with pytest.raises(ValueError, match="J <= 64"):
-        capsrouting.route(too_big, backend="triton")
-    too_big_f64 = torch.zeros(2, 3, 64, 32, dtype=torch.float64)
-    assert resolve("auto", too_big_f64).name != "triton"
+        capsrouting.route(torch.zeros(2, 3, 65, 4, device=DEVICE), backend="triton")
     with pytest.raises(ValueError, match="float64 up to 1024"):
-        capsrouting.route(too_big_f64, backend="triton")
+        capsrouting.route(torch.zeros(2, 3, 64, 32, dtype=torch.float64, device=DEVICE), backend="triton")
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_CASES, ids=[c[0] for c in BAD_INPUT_CASES])
