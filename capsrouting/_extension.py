@@ -8,6 +8,7 @@ one, else compile now), ``jit`` (always compile now, cached by torch in
 import functools
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -54,6 +55,24 @@ def _compile_now() -> None:
     )
 
 
+# A compiler's or linker's diagnostic: "x.cpp:3:1: error: ...", "c++: error: ...", "x.cu(3): error: ...",
+# "fatal error: ...", "nvcc fatal : ...", "ld: ... undefined reference". Not "-Werror=..." in a command line.
+_DIAGNOSTIC = re.compile(r"\b(?:fatal error|error|fatal)\s*:|undefined reference|cannot find -l", re.IGNORECASE)
+
+
+def first_error_line(message: str) -> str:
+    """The line of a failed build's output that says what went wrong, not the command that ran.
+
+    cpp_extension's exception starts with ninja's command lines; the compiler's own first
+    diagnostic is what a user needs to read. Falls back to the first line.
+    """
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    for line in lines:
+        if _DIAGNOSTIC.search(line) and not line.startswith("Error building extension"):
+            return line
+    return lines[0] if lines else ""
+
+
 @functools.lru_cache(maxsize=None)
 def load() -> Optional[str]:
     """None once the extension's ops are registered, else why they cannot be (tried once)."""
@@ -68,8 +87,7 @@ def load() -> Optional[str]:
             _compile_now()
     except Exception as exc:  # a broken build must leave the reference backend working
         how = "loading the installed C++ extension" if library else "compiling the C++ extension just in time"
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        return f"{how} failed ({type(exc).__name__}: {first_line})"
+        return f"{how} failed ({type(exc).__name__}: {first_error_line(str(exc))})"
     missing = [op for op in _OPS if not hasattr(torch.ops.capsrouting, op)]
     if missing:
         return f"the C++ extension loaded but lacks the ops {missing}; rebuild it"

@@ -3,6 +3,8 @@
 Values, gradients, edge cases, memory, determinism, registration and errors. The "cuda"
 cases run only where a GPU and the extension's CUDA kernels are present.
 """
+import os
+
 import pytest
 import torch
 
@@ -19,6 +21,16 @@ from routing_checks import (
     make_inputs,
 )
 from test_triton import _largest_allocation_bytes
+
+
+@pytest.mark.skipif(
+    os.environ.get("CAPSROUTING_REQUIRE_EXTENSION") != "1",
+    reason="the extension is optional here (CI sets CAPSROUTING_REQUIRE_EXTENSION=1 to require it)",
+)
+def test_the_extension_is_present_where_it_is_required():
+    # Without this, a build that fails to load would turn every cpu-backend test into a skip.
+    assert unavailable_reason("cpu") is None, f"backend 'cpu' is required but unavailable: {unavailable_reason('cpu')}"
+
 
 BACKENDS = [
     pytest.param(name, device, id=name, marks=pytest.mark.skipif(unavailable_reason(name) is not None, reason=f"{name} backend: {unavailable_reason(name)}"))

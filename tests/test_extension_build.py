@@ -48,6 +48,10 @@ def test_broken_build_falls_back_to_the_reference_with_one_warning(tmp_path):
     assert "WARNINGS 1" in out, out
     assert "using backend 'torch' for cpu tensors" in out
     assert "compiling the C++ extension just in time failed" in out
+    # The warning names the compiler's own error, not the command line ninja ran.
+    [warning] = [line for line in out.splitlines() if line.startswith("WARNING ")]
+    assert "error: unrecognized command-line option" in warning and "--no-such-compiler-flag" in warning, warning
+    assert "-MMD" not in warning, warning
 
 
 def test_disabled_extension_says_so(tmp_path):
@@ -70,3 +74,17 @@ def test_info_names_the_reason(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "cpu     unavailable: disabled by CAPSROUTING_EXTENSION=off" in result.stdout
     assert "backend='auto' runs 'torch' for cpu tensors" in result.stdout
+
+
+def test_first_error_line_picks_the_diagnostic():
+    from capsrouting._extension import first_error_line
+
+    ninja = (
+        "Error building extension 'capsrouting_ext': [1/3] c++ -MMD -Werror=return-type -c routing.cpp -o routing.o\n"
+        "FAILED: routing.o\nc++ -MMD -Werror=return-type -c routing.cpp -o routing.o\n"
+        "routing.cpp:3:1: error: 'foo' was not declared in this scope\nninja: build stopped: subcommand failed."
+    )
+    assert first_error_line(ninja) == "routing.cpp:3:1: error: 'foo' was not declared in this scope"
+    assert first_error_line("x.cu(7): error: identifier \"bar\" is undefined") == 'x.cu(7): error: identifier "bar" is undefined'
+    assert first_error_line("nvcc fatal   : Unsupported gpu architecture 'compute_99'") == "nvcc fatal   : Unsupported gpu architecture 'compute_99'"
+    assert first_error_line("undefined symbol: _ZN3fooEv") == "undefined symbol: _ZN3fooEv"  # no diagnostic: first line
