@@ -1,21 +1,22 @@
 """Comparison of any backend with the reference, shared by the backend test files.
 
-Tolerances, per dtype, against the float64 reference:
+Tolerances per dtype against the float64 reference are those of ``capsrouting.tolerances``
+(also used by ``python -m capsrouting.info``):
 
-| dtype    | rule                                                               |
-| -------- | ------------------------------------------------------------------ |
-| float64  | rtol 1e-10, atol 1e-10                                             |
-| float32  | rtol 1e-4, atol 1e-5                                               |
-| float16, | max |error| at most 2x that of the reference computed natively in |
-| bfloat16 | the same dtype (plus 1e-6 for exact cases), output and gradients   |
+| dtype    | rule                                                                    |
+| -------- | ----------------------------------------------------------------------- |
+| float64  | rtol 1e-10, atol 1e-10                                                  |
+| float32  | rtol 1e-4, atol 1e-5                                                    |
+| float16, | max |error| at most 2x that of the reference computed natively in the  |
+| bfloat16 | same dtype (plus 1e-6 for exact cases), output and gradients; and, on a |
+|          | problem with long sums, at most 2x the error of float32 accumulation    |
+|          | rounded once to the dtype (``assert_accumulates_in_float32``)           |
 """
 import torch
 
 import capsrouting
 from capsrouting import reference
-
-TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-5)}
-HALF_ERROR_RATIO = 2.0
+from capsrouting.tolerances import ACCUMULATION_ERROR_RATIO, HALF_ERROR_RATIO, TOLERANCES
 
 
 def make_inputs(B, I, Din, J, Dout, dtype, device, requires_grad=False, seed=0):
@@ -153,3 +154,37 @@ def assert_compiled_capsnet_step_matches_eager(backend, device, compile_backend=
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-5)
     for got, want in zip(compiled[2], eager[2]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def assert_accumulates_in_float32(routing, dtype, device="cpu", entry="capsule_routing", I=2048, ratio=ACCUMULATION_ERROR_RATIO):
+    """Half types: float32 accumulation, told apart from half-precision accumulation.
+
+    ``routing(x[, W], num_iterations)`` runs the backend. The sums over the I input capsules
+    (s in the forward, A in the backward) are long and their terms small, so summing them in
+    the half dtype costs tens of units in the last place, while float32 sums rounded once to
+    the dtype cost about half a unit. The backend's max error against the float64 reference,
+    for v and each gradient, must be at most ``ratio`` (default ACCUMULATION_ERROR_RATIO) x that
+    of the float32 computation rounded to ``dtype`` (inputs and the incoming gradient are exact
+    in ``dtype``).
+    """
+    B, Din, J, Dout, R = 2, 4, 4, 8, 3
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(B, I, Din, generator=g, dtype=torch.float64).to(dtype)
+    # |u_hat| ~ 0.5 / sqrt(I): the couplings' sums stay of order one, the squash unsaturated.
+    W = (torch.randn(I, J, Dout, Din, generator=g, dtype=torch.float64) / (Din * I) ** 0.5).to(dtype)
+    grad_out = torch.randn(B, J, Dout, generator=g, dtype=torch.float64).to(dtype).double()
+    if entry == "capsule_routing":
+        inputs, run_reference = [u, W], reference.capsule_routing
+    else:
+        inputs, run_reference = [reference.predictions(u.double(), W.double()).to(dtype)], reference.route
+    want = _run(lambda *x: run_reference(*x, R), [t.double() for t in inputs], grad_out)
+    float32_path = [t.to(dtype) for t in _run(lambda *x: run_reference(*x, R), [t.float() for t in inputs], grad_out)]
+    got = _run(lambda *x: routing(*x, R), [t.to(device) for t in inputs], grad_out.to(device))
+    for label, got_t, f32_t, want_t in zip(["v", "grad 0", "grad 1"], got, float32_path, want):
+        assert got_t.dtype == dtype, f"{entry} {label}: dtype {got_t.dtype}, expected {dtype}"
+        err = (got_t.double().cpu() - want_t).abs().max().item()
+        f32_err = (f32_t.double() - want_t).abs().max().item()
+        assert err <= ratio * f32_err, (
+            f"{entry} {label}: max error {err:.3e} > {ratio} x {f32_err:.3e}, the error of float32 "
+            f"accumulation rounded to {dtype}: not accumulated in float32"
+        )

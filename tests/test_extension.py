@@ -14,6 +14,7 @@ from capsrouting.backends import resolve, unavailable_reason
 
 from routing_checks import (
     BAD_INPUT_CASES,
+    assert_accumulates_in_float32,
     assert_compiled_capsnet_step_matches_eager,
     assert_empty_batch_works,
     assert_matches_reference,
@@ -70,6 +71,14 @@ def test_float64_matches_reference(backend, device, name):
 @pytest.mark.parametrize("name", ["two_groups_B70", "non_pow2"])
 def test_half_types_within_twice_the_reference_error(backend, device, name, dtype):
     assert_matches_reference(backend, *SHAPES[name], dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("entry", ["capsule_routing", "route"])
+def test_half_types_accumulate_in_float32(backend, device, dtype, entry):
+    routing = getattr(capsrouting, entry)
+    assert_accumulates_in_float32(lambda *x: routing(*x, backend=backend), dtype, device, entry)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
