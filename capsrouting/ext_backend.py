@@ -65,12 +65,14 @@ def _probe_cuda() -> Optional[str]:
     return None
 
 
+# Inputs are made contiguous here, once: the op then saves the contiguous tensors for its
+# backward, instead of each kernel copying a strided input again.
 def capsule_routing(u: torch.Tensor, W: torch.Tensor, num_iterations: int) -> torch.Tensor:
-    return torch.ops.capsrouting.capsule_routing_ext(u, W, num_iterations)[0]
+    return torch.ops.capsrouting.capsule_routing_ext(u.contiguous(), W.contiguous(), num_iterations)[0]
 
 
 def route(u_hat: torch.Tensor, num_iterations: int) -> torch.Tensor:
-    return torch.ops.capsrouting.route_ext(u_hat, num_iterations)[0]
+    return torch.ops.capsrouting.route_ext(u_hat.contiguous(), num_iterations)[0]
 
 
 def _cuda_shape_reason(x: torch.Tensor, W: Optional[torch.Tensor]) -> Optional[str]:

@@ -21,7 +21,7 @@ from routing_checks import (
     assert_non_contiguous_inputs_work,
     make_inputs,
 )
-from test_triton import _largest_allocation_bytes
+from test_triton import allocation_sizes
 
 
 @pytest.mark.skipif(
@@ -119,15 +119,24 @@ def test_cpu_never_allocates_B_I_J_elements():
     # J >= Din padded to 4, so that the lane-minor copy of u is smaller than B*I*J too.
     B, I, Din, J, Dout = 40, 37, 2, 5, 2
     u, W = make_inputs(B, I, Din, J, Dout, torch.float32, "cpu", requires_grad=True)
+    # The caller's predictions, made before measuring; contiguous (a strided u_hat is copied once).
+    u_hat = reference.predictions(u, W).detach().contiguous().requires_grad_()
     limit = B * I * J * u.element_size()
 
-    def step(backend):
-        return lambda: capsrouting.capsule_routing(u, W, 3, backend=backend).square().sum().backward()
+    def step(run):
+        return lambda: torch.autograd.grad(run(u, W, 3).square().sum(), (u, W))
 
-    # The measurement can fail: the reference allocates B*I*J*Dout elements (u_hat).
-    assert _largest_allocation_bytes(step("torch")) >= limit * Dout
-    largest = _largest_allocation_bytes(step("cpu"))
+    # The measurement can fail: the reference alone allocates B*I*J*Dout elements (u_hat).
+    assert max(allocation_sizes(step(reference.capsule_routing))) >= limit * Dout
+    largest = max(allocation_sizes(step(lambda a, b, n: capsrouting.capsule_routing(a, b, n, backend="cpu"))))
     assert largest < limit, f"cpu path allocated {largest} bytes, limit {limit}"
+    # route returns du_hat (B, I, J, D), the gradient the caller asked for; nothing else may reach B*I*J elements.
+    sizes = allocation_sizes(lambda: torch.autograd.grad(capsrouting.route(u_hat, 3, backend="cpu").square().sum(), u_hat))
+    assert [n for n in sizes if n >= limit] == [u_hat.numel() * u_hat.element_size()], sorted(sizes)[-4:]
+    # A strided u_hat is copied once (and the copy kept for the backward), not once per kernel.
+    strided = u_hat.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    sizes = allocation_sizes(lambda: torch.autograd.grad(capsrouting.route(strided, 3, backend="cpu").square().sum(), strided))
+    assert len([n for n in sizes if n >= limit]) == 2, sorted(sizes)[-4:]
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -144,7 +144,8 @@ def test_weight_gradient_is_bitwise_reproducible(monkeypatch):
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
-def _largest_allocation_bytes(fn) -> int:
+def allocation_sizes(fn) -> list:
+    """Bytes of every allocation ``fn`` makes, from the profiler's allocation events."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -158,33 +159,39 @@ def _largest_allocation_bytes(fn) -> int:
             yield from walk(node.children)
 
     tree = prof.profiler.kineto_results.experimental_event_tree()
-    return max(n.extra_fields.alloc_size for n in walk(tree) if n.tag == _EventType.Allocation)
+    return [n.extra_fields.alloc_size for n in walk(tree) if n.tag == _EventType.Allocation and n.extra_fields.alloc_size > 0]
 
 
 @pytest.mark.parametrize("small_batch_paths", [False, True])
 def test_never_allocates_B_I_J_elements(monkeypatch, small_batch_paths):
     from capsrouting import triton_backend
 
+    # D * Din < B, so that W, dW and the partial dWs of the batch chunks stay below B*I*J elements;
+    # I > 4 * BLOCK_I (16 here), so that the input capsules can be split.
+    B, I, Din, J, Dout = 9, 65, 2, 5, 2
+    device = torch.device(DEVICE)
     if small_batch_paths:
-        monkeypatch.setattr(triton_backend, "_program_target", lambda device: 64)
-    # D * Din < B, so that W and dW themselves are smaller than B*I*J elements.
-    B, I, Din, J, Dout = 8, 37, 2, 5, 2
+        monkeypatch.setattr(triton_backend, "_program_target", lambda device: 256)
+    cfg = triton_backend.launch_config(J, Dout, Din, element_size=4)
+    paths = (triton_backend.split_count(B, I, cfg.BLOCK_I, device), triton_backend.batch_chunks(B, I, 1, Dout * Din, device))
+    # Input capsules split across programs and dW summed over batch chunks, or neither.
+    assert (min(paths) > 1) if small_batch_paths else paths == (1, 1), paths
     u, W = make_inputs(B, I, Din, J, Dout, torch.float32, DEVICE, requires_grad=True)
+    # The caller's predictions, made before measuring; contiguous (a strided u_hat is copied once).
+    u_hat = reference.predictions(u, W).detach().contiguous().requires_grad_()
     limit = B * I * J * u.element_size()
 
-    def run(backend):
-        def fn():
-            v = capsrouting.capsule_routing(u, W, 3, backend=backend)
-            v.square().sum().backward()
-            u_hat = torch.randn(B, I, J, Dout, device=DEVICE)  # predictions given by the caller: theirs, not ours
-            capsrouting.route(u_hat.requires_grad_(), 3, backend=backend).sum().backward()
+    # Gradients by autograd.grad: .backward() would add the copies AccumulateGrad makes of .grad.
+    def routing(run):
+        return lambda: torch.autograd.grad(run(u, W, 3).square().sum(), (u, W))
 
-        return fn
-
-    # The measurement can fail: the reference does allocate tensors of B*I*J elements and more.
-    assert _largest_allocation_bytes(run("torch")) >= limit
-    largest = _largest_allocation_bytes(lambda: capsrouting.capsule_routing(u, W, 3, backend="triton").square().sum().backward())
-    assert largest < limit, f"triton path allocated {largest} bytes, limit {limit}"
+    # The measurement can fail: the reference alone allocates tensors of B*I*J elements and more.
+    assert max(allocation_sizes(routing(reference.capsule_routing))) >= limit
+    largest = max(allocation_sizes(routing(lambda a, b, n: capsrouting.capsule_routing(a, b, n, backend="triton"))))
+    assert largest < limit, f"triton capsule_routing allocated {largest} bytes, limit {limit}"
+    # route returns du_hat (B, I, J, D), the gradient the caller asked for; nothing else may reach B*I*J elements.
+    sizes = allocation_sizes(lambda: torch.autograd.grad(capsrouting.route(u_hat, 3, backend="triton").square().sum(), u_hat))
+    assert [n for n in sizes if n >= limit] == [u_hat.numel() * u_hat.element_size()], sorted(sizes)[-4:]
 
 
 def test_opcheck():
