@@ -27,31 +27,44 @@ from .train import accuracy, build_model, prepare_images
 AFFINE_RANGES = dict(rotation_degrees=(-20.0, 20.0), shear=(-0.2, 0.2), scale=(0.8, 1.2), translation_pixels=(-6.0, 6.0))
 
 
-def affine_test_set(images_uint8: torch.Tensor, canvas: int = 40, seed: int = 0) -> torch.Tensor:
-    """The MNIST test images, centered on the canvas, each under its own random affine map (seeded)."""
-    x = prepare_images(images_uint8, canvas, 0, None)  # (N, 1, S, S), centered
-    n = x.shape[0]
+def affine_parameters(n: int, seed: int = 0) -> dict:
+    """n draws of the transform's parameters, uniform within AFFINE_RANGES (float64 tensors of n)."""
     g = torch.Generator().manual_seed(seed)
 
     def uniform(low_high):
         low, high = low_high
         return low + (high - low) * torch.rand(n, generator=g, dtype=torch.float64)
 
-    angle = uniform(AFFINE_RANGES["rotation_degrees"]) * math.pi / 180
-    shear = uniform(AFFINE_RANGES["shear"])
-    sx, sy = uniform(AFFINE_RANGES["scale"]), uniform(AFFINE_RANGES["scale"])
-    tx, ty = uniform(AFFINE_RANGES["translation_pixels"]), uniform(AFFINE_RANGES["translation_pixels"])
-    cos, sin, zero, one = torch.cos(angle), torch.sin(angle), torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+    params = dict(rotation_degrees=uniform(AFFINE_RANGES["rotation_degrees"]), shear=uniform(AFFINE_RANGES["shear"]))
+    params["scale_x"], params["scale_y"] = uniform(AFFINE_RANGES["scale"]), uniform(AFFINE_RANGES["scale"])
+    params["translation_x"] = uniform(AFFINE_RANGES["translation_pixels"])
+    params["translation_y"] = uniform(AFFINE_RANGES["translation_pixels"])
+    return params
+
+
+def apply_affine(x: torch.Tensor, params: dict) -> torch.Tensor:
+    """Each image of x (N, 1, S, S) under its own map: scale, then shear, then rotate about the
+    center, then translate (pixels); bilinear resampling, zeros outside."""
+    n, size = x.shape[0], x.shape[-1]
+    angle = params["rotation_degrees"] * math.pi / 180
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    zero, one = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
     rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
-    shearing = torch.stack([torch.stack([one, shear], -1), torch.stack([zero, one], -1)], -2)
-    scaling = torch.diag_embed(torch.stack([sx, sy], -1))
+    shearing = torch.stack([torch.stack([one, params["shear"]], -1), torch.stack([zero, one], -1)], -2)
+    scaling = torch.diag_embed(torch.stack([params["scale_x"], params["scale_y"]], -1))
     forward = rotation @ shearing @ scaling  # image -> transformed image, in normalised coordinates
-    shift = torch.stack([tx, ty], -1) * 2 / canvas
+    shift = torch.stack([params["translation_x"], params["translation_y"]], -1) * 2 / size
     # affine_grid maps output coordinates to input ones: the inverse map.
     inverse = torch.linalg.inv(forward)
     theta = torch.cat([inverse, -(inverse @ shift.unsqueeze(-1))], -1).float()
     grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
     return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def affine_test_set(images_uint8: torch.Tensor, canvas: int = 40, seed: int = 0) -> torch.Tensor:
+    """The MNIST test images, centered on the canvas, each under its own random affine map (seeded)."""
+    x = prepare_images(images_uint8, canvas, 0, None)  # (N, 1, S, S), centered
+    return apply_affine(x, affine_parameters(x.shape[0], seed))
 
 
 def load_checkpoint(path, device):

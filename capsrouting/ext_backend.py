@@ -13,6 +13,7 @@ import torch
 
 from . import _extension
 from ._autograd import register_routing_autograd
+from ._validation import check_capsule_routing_args, check_route_args
 from .backends import Backend, register
 
 # Sizes the CUDA kernel is compiled for (one warp covers a Dout vector; see routing_cuda.cu).
@@ -35,12 +36,18 @@ def _ops_ready() -> Optional[str]:
     if reason is not None:
         return reason
     ops = torch.ops.capsrouting
-    torch.library.register_fake("capsrouting::capsule_routing_ext")(
-        lambda u, W, num_iterations: _fake_forward(u, W.shape[1], W.shape[2], num_iterations)
-    )
-    torch.library.register_fake("capsrouting::route_ext")(
-        lambda u_hat, num_iterations: _fake_forward(u_hat, u_hat.shape[2], u_hat.shape[3], num_iterations)
-    )
+    # The fake (meta) kernels check their arguments like the real ones: a direct call with a
+    # meta tensor among CPU ones dispatches here and must not return a result on the wrong device.
+    @torch.library.register_fake("capsrouting::capsule_routing_ext")
+    def _(u, W, num_iterations):
+        check_capsule_routing_args(u, W, num_iterations)
+        return _fake_forward(u, W.shape[1], W.shape[2], num_iterations)
+
+    @torch.library.register_fake("capsrouting::route_ext")
+    def _(u_hat, num_iterations):
+        check_route_args(u_hat, num_iterations)
+        return _fake_forward(u_hat, u_hat.shape[2], u_hat.shape[3], num_iterations)
+
     torch.library.register_fake("capsrouting::capsule_routing_ext_backward")(
         lambda grad_v, u, W, s, V, n: (torch.empty_like(u), torch.empty_like(W))
     )

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._autograd import register_routing_autograd
+from ._validation import check_capsule_routing_args, check_route_args
 from .backends import Backend, register
 from .reference import SQUASH_EPS, squash
 
@@ -309,8 +310,17 @@ def _fake_forward(x, W, num_iterations):
     return x.new_empty(B, J, D), saved, torch.empty_like(saved)
 
 
-capsule_routing_op.register_fake(lambda u, W, num_iterations: _fake_forward(u, W, num_iterations))
-route_op.register_fake(lambda u_hat, num_iterations: _fake_forward(u_hat, None, num_iterations))
+@capsule_routing_op.register_fake
+def _(u, W, num_iterations):
+    check_capsule_routing_args(u, W, num_iterations)  # as the real op's callers are checked
+    return _fake_forward(u, W, num_iterations)
+
+
+@route_op.register_fake
+def _(u_hat, num_iterations):
+    check_route_args(u_hat, num_iterations)
+    return _fake_forward(u_hat, None, num_iterations)
+
 capsule_routing_backward_op.register_fake(lambda grad_v, u, W, s, V, n: (torch.empty_like(u), torch.empty_like(W)))
 route_backward_op.register_fake(lambda grad_v, u_hat, s, V, n: torch.empty_like(u_hat))
 

@@ -81,6 +81,13 @@ def test_half_types_accumulate_in_float32(backend, device, dtype, entry):
     assert_accumulates_in_float32(lambda *x: routing(*x, backend=backend), dtype, device, entry)
 
 
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="cpu backend unavailable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_runs_sizes_beyond_the_gpu_kernels(dtype):
+    # J = 70 > 64, Dout = 40 > 32, Din = 20 > 16: the CPU kernel has no size limits.
+    assert_matches_reference("cpu", 3, 11, 20, 70, 40, 2, dtype=dtype, device="cpu")
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_gradcheck_float64(backend, device):
     u, W = make_inputs(18, 7, 3, 4, 5, torch.float64, device, requires_grad=True)
@@ -173,7 +180,14 @@ DIRECT_OP_CASES = [
     ("u_rank", lambda ops: ops.capsule_routing_ext(torch.randn(2, 5), _W, 3), ValueError, r"u must have shape \(B, I, Din\)"),
     ("I_mismatch", lambda ops: ops.capsule_routing_ext(_u, torch.randn(6, 4, 6, 3), 3), ValueError, r"I = u.shape\[1\] = 5"),
     ("Din_mismatch", lambda ops: ops.capsule_routing_ext(_u, torch.randn(5, 4, 6, 2), 3), ValueError, r"Din = u.shape\[2\] = 3"),
+    ("W_rank", lambda ops: ops.capsule_routing_ext(_u, torch.randn(5, 4, 6), 3), ValueError, r"W must have shape \(I, J, Dout, Din\)"),
     ("int_u", lambda ops: ops.capsule_routing_ext(_u.long(), _W, 3), TypeError, "u must have dtype"),
+    ("int_W", lambda ops: ops.capsule_routing_ext(_u, _W.int(), 3), TypeError, "W must have dtype"),
+    # A meta W among CPU tensors dispatches to the fake kernel, which checks too; redispatching
+    # to the CPU key reaches the C++ check itself.
+    ("mixed_device", lambda ops: ops.capsule_routing_ext(_u, _W.to("meta"), 3), ValueError, "same device"),
+    ("mixed_device_cpp", lambda ops: ops.capsule_routing_ext.default.redispatch(
+        torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), _u, _W.to("meta"), 3), ValueError, "u and W must be on the same device"),
     ("mixed_dtype", lambda ops: ops.capsule_routing_ext(_u, _W.double(), 3), TypeError, "same dtype"),
     ("zero_iterations", lambda ops: ops.route_ext(torch.randn(2, 5, 3, 4), 0), ValueError, "num_iterations must be >= 1"),
     ("empty_J", lambda ops: ops.route_ext(torch.randn(2, 5, 0, 4), 3), ValueError, "every dimension but the batch"),

@@ -1,5 +1,6 @@
 """The training and evaluation tools on a small slice of the real MNIST files (skipped without them)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -58,6 +59,45 @@ def test_affine_test_set_is_deterministic_and_moves_the_digits():
     centered = train.prepare_images(images, 40, 0, None)
     assert not torch.allclose(a, centered, atol=1e-3)
     assert not torch.equal(a, evaluate.affine_test_set(images, 40, seed=4))
+
+
+def test_affine_parameters_fill_their_ranges():
+    params = evaluate.affine_parameters(4000, seed=0)
+    ranges = evaluate.AFFINE_RANGES
+    expected = dict(rotation_degrees=ranges["rotation_degrees"], shear=ranges["shear"], scale_x=ranges["scale"],
+                    scale_y=ranges["scale"], translation_x=ranges["translation_pixels"], translation_y=ranges["translation_pixels"])
+    assert set(params) == set(expected)
+    for name, (low, high) in expected.items():
+        values = params[name]
+        assert low <= values.min() and values.max() <= high, name
+        # uniform: the draws reach within 1% of both ends of the range
+        assert values.min() < low + 0.01 * (high - low) and values.max() > high - 0.01 * (high - low), name
+    assert ranges == dict(rotation_degrees=(-20.0, 20.0), shear=(-0.2, 0.2), scale=(0.8, 1.2), translation_pixels=(-6.0, 6.0))
+
+
+def _centroid(image):
+    rows, cols = torch.meshgrid(torch.arange(image.shape[0], dtype=torch.float64), torch.arange(image.shape[1], dtype=torch.float64), indexing="ij")
+    mass = image.double().sum()
+    return torch.stack([(image * cols).sum() / mass, (image * rows).sum() / mass])  # (x, y) in pixels
+
+
+@pytest.mark.parametrize("name,value", [("rotation_degrees", 20.0), ("shear", 0.2), ("scale_x", 1.2), ("scale_y", 0.8),
+                                        ("translation_x", 6.0), ("translation_y", -6.0)])
+def test_apply_affine_moves_a_spot_where_its_parameters_say(name, value):
+    """A spot off the center moves by the map each parameter names (about the canvas center, in pixels)."""
+    size = 40
+    image = torch.zeros(1, 1, size, size)
+    image[0, 0, 9:12, 24:27] = 1.0  # a spot at (x, y) = (25, 10); the center is (19.5, 19.5)
+    params = dict(rotation_degrees=0.0, shear=0.0, scale_x=1.0, scale_y=1.0, translation_x=0.0, translation_y=0.0)
+    params[name] = value
+    moved = evaluate.apply_affine(image, {k: torch.tensor([v], dtype=torch.float64) for k, v in params.items()})
+    x, y = 25.0 - 19.5, 10.0 - 19.5  # relative to the center
+    a = math.radians(params["rotation_degrees"])
+    x, y = params["scale_x"] * x, params["scale_y"] * y
+    x = x + params["shear"] * y
+    x, y = math.cos(a) * x - math.sin(a) * y, math.sin(a) * x + math.cos(a) * y
+    want = torch.tensor([x + 19.5 + params["translation_x"], y + 19.5 + params["translation_y"]], dtype=torch.float64)
+    torch.testing.assert_close(_centroid(moved[0, 0]), want, rtol=0, atol=0.15)
 
 
 def test_two_process_ddp_keeps_replicas_identical(mnist_dir, tmp_path):

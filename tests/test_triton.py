@@ -131,7 +131,8 @@ def test_non_contiguous_inputs():
     assert_non_contiguous_inputs_work("triton", DEVICE)
 
 
-def test_weight_gradient_is_bitwise_reproducible(monkeypatch):
+@pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter runs programs one after another, so this cannot fail there")
+def test_weight_gradient_is_bitwise_reproducible_on_a_gpu(monkeypatch):
     from capsrouting import triton_backend
 
     monkeypatch.setattr(triton_backend, "_program_target", lambda device: 64)  # exercise the chunked dW sum too
