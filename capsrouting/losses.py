@@ -8,12 +8,20 @@
 * Reconstruction loss: the sum of squared pixel errors per image, averaged over
   the batch and scaled by 0.0005 so it does not dominate the margin loss.
 * ``capsnet_loss``: their sum, for a :class:`~capsrouting.models.CapsNetOutput`.
+
+Half-type inputs (as ``torch.autocast`` produces them) are computed and returned in
+float32, as autocast does for PyTorch's own losses: a sum of 784 squared pixel errors
+in bfloat16 would lose most of its digits.
 """
 import torch
 
 from ._validation import check_labels
 
 __all__ = ["margin_loss", "reconstruction_loss", "capsnet_loss"]
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _check_float_tensor(name: str, t, layout: str) -> None:
@@ -36,6 +44,7 @@ def margin_loss(
         raise ValueError(f"lengths must have shape (B, num_classes), got shape {tuple(lengths.shape)}")
     B, K = lengths.shape
     check_labels(labels, B, K)
+    lengths = _at_least_float32(lengths)
 
     targets = torch.nn.functional.one_hot(labels, K).to(lengths.dtype)  # T_k
     present = torch.clamp(m_plus - lengths, min=0.0) ** 2
@@ -61,6 +70,7 @@ def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor, wei
             f"images must have shape (B, ...) with B = {B} and {P} pixels per image to match "
             f"reconstructions of shape {tuple(reconstructions.shape)}, got shape {tuple(images.shape)}"
         )
+    reconstructions = _at_least_float32(reconstructions)
     target = images.reshape(B, P).to(reconstructions.dtype)
     return weight * ((reconstructions - target) ** 2).sum(dim=1).mean()
 

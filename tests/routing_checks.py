@@ -198,3 +198,35 @@ def assert_accumulates_in_float32(routing, dtype, device="cpu", entry="capsule_r
             f"{entry} {label}: max error {err:.3e} > {ratio} x {f32_err:.3e}, the error of float32 "
             f"accumulation rounded to {dtype}: not accumulated in float32"
         )
+
+
+def assert_matches_reference_under_autocast(backend, B, I, Din, J, Dout, R, *, dtype, device, entries=("capsule_routing", "route")):
+    """float32 inputs inside ``torch.autocast(dtype)``: v comes back in ``dtype``, gradients reach the
+    float32 inputs in float32, and both are within the half-type rule of the float64 reference run
+    on the inputs rounded to ``dtype`` (what autocast feeds the op)."""
+    device_type = torch.device(device).type
+    u, W = make_inputs(B, I, Din, J, Dout, torch.float32, device)
+    grad_out = torch.randn(B, J, Dout, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    u_hat = reference.predictions(u.double(), W.double()).float()
+    cases = {
+        "capsule_routing": ([u, W], capsrouting.capsule_routing, reference.capsule_routing),
+        "route": ([u_hat], capsrouting.route, reference.route),
+    }
+    for entry in entries:
+        inputs, routing, run_reference = cases[entry]
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        with torch.autocast(device_type, dtype=dtype):
+            v = routing(*leaves, R, backend=backend)
+        assert v.dtype == dtype, f"{backend} {entry} under autocast: v has dtype {v.dtype}, expected {dtype}"
+        grads = torch.autograd.grad(v, leaves, grad_out.to(v.device))
+        assert all(g.dtype == torch.float32 for g in grads), f"{backend} {entry}: gradients {[g.dtype for g in grads]}"
+        rounded = [t.detach().cpu().to(dtype) for t in inputs]
+        want = _run(lambda *x: run_reference(*x, R), [t.double() for t in rounded], grad_out.double())
+        native = _run(lambda *x: run_reference(*x, R), rounded, grad_out)
+        for label, got_t, want_t, native_t in zip(["v", "grad 0", "grad 1"], [v, *grads], want, native):
+            err = (got_t.detach().double().cpu() - want_t).abs().max().item()
+            ref_err = (native_t.double() - want_t).abs().max().item()
+            assert err <= HALF_ERROR_RATIO * ref_err + 1e-6, (
+                f"{backend} {entry} {label} under autocast: max error {err:.3e} > {HALF_ERROR_RATIO} x native-{dtype} "
+                f"reference error {ref_err:.3e}"
+            )
