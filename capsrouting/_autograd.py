@@ -9,8 +9,30 @@ A fused backend defines two custom ops per entry point:
 ``forward_op`` is the op itself or its qualified name ("capsrouting::..."), ``backward_op``
 a callable. This module connects them, so the backward of every backend is itself an op
 that ``torch.compile`` traces without a graph break.
+
+Double backward (``create_graph=True``, as gradient penalties use): the fused backward op
+has no derivative of its own, so when a graph of the gradient is being built the gradient
+is computed instead by differentiating the reference (plain PyTorch autograd, the same
+values up to rounding), whose graph then carries the second derivatives exactly. The
+first-order path, eager or compiled, always runs the fused backward.
 """
 import torch
+
+from . import reference
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reference_gradients(inputs, grad_v: torch.Tensor, num_iterations: int, has_weights: bool):
+    """Gradients of the reference routing at ``inputs`` ((u, W) or (u_hat,)), with a graph of their own."""
+    leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
+    acc = _accumulate_dtype(leaves[0].dtype)
+    run = reference.capsule_routing if has_weights else reference.route
+    with torch.enable_grad():
+        v = run(*[t.to(acc) for t in leaves], num_iterations)
+        return torch.autograd.grad(v, leaves, grad_v.to(acc), create_graph=True)
 
 
 def register_routing_autograd(forward_op, backward_op, has_weights: bool) -> None:
@@ -22,10 +44,13 @@ def register_routing_autograd(forward_op, backward_op, has_weights: bool) -> Non
 
     def backward(ctx, grad_v, _grad_s_saved, _grad_Vprev_saved):
         saved = ctx.saved_tensors
-        grads = backward_op(grad_v.contiguous(), *saved, ctx.num_iterations)
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
+            grads = reference_gradients(saved[:-2], grad_v, ctx.num_iterations, has_weights)
+        else:
+            grads = backward_op(grad_v.contiguous(), *saved, ctx.num_iterations)
         if has_weights:
             du, dW = grads
             return du, dW, None
-        return grads, None
+        return (grads[0] if isinstance(grads, (tuple, list)) else grads), None
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)

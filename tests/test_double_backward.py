@@ -1,0 +1,67 @@
+"""Gradients of gradients through every backend equal the reference's (gradient penalties).
+
+PyTorch warns ("an autograd kernel was not registered ...") when it backpropagates through
+an op without a derivative and returns wrong numbers; here every warning is an error.
+"""
+import pytest
+import torch
+
+import capsrouting
+from capsrouting import reference
+from capsrouting.backends import unavailable_reason
+from capsrouting.losses import capsnet_loss
+from capsrouting.models import CapsNet
+
+from routing_checks import make_inputs
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+
+def _backends():
+    cases = []
+    for name in ("torch", "cpu", "triton", "cuda"):
+        device = "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else "cpu"
+        reason = unavailable_reason(name)
+        cases.append(pytest.param(name, device, id=name, marks=pytest.mark.skipif(reason is not None, reason=f"{name}: {reason}")))
+    return cases
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+def test_gradgradcheck_both_entry_points(backend, device):
+    # Small: gradgradcheck perturbs every element (and the Triton interpreter is slow).
+    u, W = make_inputs(2, 3, 2, 3, 2, torch.float64, device, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b: capsrouting.capsule_routing(a, b, 3, backend=backend), (u, W))
+    u_hat = reference.predictions(u, W).detach().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x: capsrouting.route(x, 2, backend=backend), (u_hat,))
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+def test_second_derivative_equals_the_reference(backend, device):
+    """d/dW of |dL/du|^2 with u a constant input (the data does not require grad)."""
+    u, W = make_inputs(4, 7, 3, 5, 4, torch.float64, device)
+    W.requires_grad_()
+    results = []
+    for name in (backend, "torch"):
+        u_in = u.clone().requires_grad_()
+        v = capsrouting.capsule_routing(u_in, W, 3, backend=name)
+        (du,) = torch.autograd.grad(v.square().sum(), u_in, create_graph=True)
+        results.append(torch.autograd.grad(du.square().sum(), W)[0])
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in _backends() if p.id in ("cpu", "cuda")])
+def test_gradient_penalty_step_of_a_capsnet_matches_backend_torch(backend, device):
+    """One step of loss + |d loss / d image|^2, the shape of a gradient penalty, in float64."""
+    grads = {}
+    for name in (backend, "torch"):
+        torch.manual_seed(0)
+        model = CapsNet(input_size=20, backend=name).double().to(device)
+        x = torch.rand(3, 1, 20, 20, dtype=torch.float64, device=device, requires_grad=True)
+        labels = torch.tensor([1, 7, 3], device=device)
+        loss = capsnet_loss(model(x, labels), x, labels)
+        (dx,) = torch.autograd.grad(loss, x, create_graph=True)
+        total = loss + 10.0 * dx.square().sum()
+        grads[name] = torch.autograd.grad(total, list(model.parameters()))
+    for got, want in zip(grads[backend], grads["torch"]):
+        scale = want.abs().max()
+        assert (got - want).abs().max() <= 1e-9 * scale, (got - want).abs().max() / scale
