@@ -293,8 +293,17 @@ def _download_dir(root: Optional[PathLike], names, cache_dir: Optional[PathLike]
     return cache
 
 
-def _download(name: str, directory: Path, mirrors=MIRRORS, timeout: float = 60.0) -> Path:
+def mirror_urls() -> Tuple[str, ...]:
+    """Where downloads come from: ``$CAPSROUTING_MNIST_MIRRORS`` (comma-separated base URLs), else MIRRORS."""
+    env = os.environ.get("CAPSROUTING_MNIST_MIRRORS")
+    if env:
+        return tuple(url if url.endswith("/") else url + "/" for url in env.split(",") if url.strip())
+    return MIRRORS
+
+
+def _download(name: str, directory: Path, mirrors: Optional[Tuple[str, ...]] = None, timeout: float = 60.0) -> Path:
     """Fetch ``<name>.gz`` into ``directory``, trying each mirror, verified by md5."""
+    mirrors = mirrors if mirrors is not None else mirror_urls()
     target = directory / (name + ".gz")
     failures = []
     checksum_failed = False

@@ -10,7 +10,6 @@
 
 Checkpoints are loaded with ``weights_only=True``.
 """
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import data
+from ._cli import CommandError, OneLineParser, load_checkpoint_file, load_split, run
 from .train import accuracy, build_model, prepare_images
 
 # affNIST-like transforms, per test image, drawn uniformly from these ranges (after the digit
@@ -68,10 +67,14 @@ def affine_test_set(images_uint8: torch.Tensor, canvas: int = 40, seed: int = 0)
 
 
 def load_checkpoint(path, device):
-    state = torch.load(path, map_location=device, weights_only=True)
-    model = build_model(state["config"]).to(device)
-    model.load_state_dict(state["model"])
-    return model.eval(), state["config"]
+    state = load_checkpoint_file(path, device)
+    config = {"amp": "off", **state["config"]}  # checkpoints from before --amp trained in float32
+    model = build_model(config).to(device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CommandError(f"{path}: weights do not fit the model its config describes: {str(exc).splitlines()[0]}") from exc
+    return model.eval(), config
 
 
 def _save_grid(rows, path: Path) -> None:
@@ -116,9 +119,14 @@ def pictures(model, config, images: torch.Tensor, out_dir: Path, count: int = 8)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m capsrouting.evaluate", description=__doc__.splitlines()[0])
+    return run(_main, argv, prog="python -m capsrouting.evaluate")
+
+
+def _main(argv=None) -> int:
+    p = OneLineParser(prog="python -m capsrouting.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+", type=Path)
     p.add_argument("--data-dir", default=None, help="MNIST IDX files (default: $CAPSROUTING_DATA)")
+    p.add_argument("--download", action="store_true", help="fetch MNIST into the cache when it is not in --data-dir")
     p.add_argument("--affine", action="store_true", help="also the affNIST-like test set (canvas-trained models)")
     p.add_argument("--affine-seed", type=int, default=0)
     p.add_argument("--pictures", type=Path, default=None, help="write reconstruction and perturbation PNGs here")
@@ -126,7 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
-    images, labels = data.load_mnist(args.data_dir, "test")
+    images, labels = load_split(args.data_dir, "test", args.download)
     if args.test_subset:
         images, labels = images[: args.test_subset], labels[: args.test_subset]
     header = "| checkpoint | model | MNIST test set | accuracy | test error |" + (" affNIST-like accuracy |" if args.affine else "")
@@ -140,7 +148,7 @@ def main(argv=None) -> int:
               f"{100 * expanded:.2f}% | {100 * (1 - expanded):.2f}% |"
         if args.affine:
             if not canvas:
-                raise SystemExit(f"{path}: the affine test set needs a model trained on a canvas (--canvas 40)")
+                raise CommandError(f"{path}: the affine test set needs a model trained on a canvas (--canvas 40)")
             row += f" {100 * accuracy(model, config, affine_test_set(images, canvas, args.affine_seed), labels, args.device):.2f}% |"
         print(row)
         if args.pictures is not None and config["model"] == "capsnet" and model.decoder is not None:

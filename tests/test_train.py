@@ -12,7 +12,7 @@ from capsrouting import evaluate, train
 
 
 def _train(mnist_dir, out_dir, *extra):
-    args = ["--data-dir", str(mnist_dir), "--train-subset", "256", "--test-subset", "200", "--batch-size", "32",
+    args = ["--data-dir", str(mnist_dir), "--train-subset", "256", "--val-size", "200", "--test-subset", "200", "--batch-size", "32",
             "--out-dir", str(out_dir), "--no-progress", *extra]
     assert train.main(args) == 0
     return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
@@ -102,8 +102,8 @@ def test_apply_affine_moves_a_spot_where_its_parameters_say(name, value):
 
 def test_two_process_ddp_keeps_replicas_identical(mnist_dir, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "capsrouting.train", "--data-dir", str(mnist_dir), "--train-subset", "256", "--test-subset", "100",
-               "--batch-size", "16", "--epochs", "1", "--max-steps", "3", "--out-dir", str(tmp_path), "--no-progress"]
+               "-m", "capsrouting.train", "--data-dir", str(mnist_dir), "--train-subset", "256", "--val-size", "100",
+               "--test-subset", "100", "--batch-size", "16", "--epochs", "1", "--max-steps", "3", "--out-dir", str(tmp_path), "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
