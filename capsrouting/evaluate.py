@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import figures
 from ._cli import CommandError, OneLineParser, load_checkpoint_file, load_split, run
 from .train import accuracy, build_model, prepare_images
 
@@ -77,45 +78,14 @@ def load_checkpoint(path, device):
     return model.eval(), config
 
 
-def _save_grid(rows, path: Path) -> None:
-    """rows: list of lists of (S, S) images in [0, 1], written as one grey PNG."""
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise ImportError("the pictures need matplotlib: pip install matplotlib (or capsrouting[train])") from exc
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = torch.cat([torch.cat([img.clamp(0, 1) for img in row], dim=1) for row in rows], dim=0)
-    plt.imsave(path, grid.cpu().numpy(), cmap="gray", vmin=0.0, vmax=1.0)
-
-
 @torch.no_grad()
 def pictures(model, config, images: torch.Tensor, out_dir: Path, count: int = 8) -> list:
-    """Reconstructions and the capsule-dimension perturbation figure of a CapsNet with a decoder."""
+    """Reconstructions of ``count`` images and the perturbation figure of the first three."""
     if config["model"] != "capsnet" or model.decoder is None:
         raise ValueError("pictures need a CapsNet trained with its reconstruction decoder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
-    x = images[:count].to(device)
-    out = model(x)
-    size = x.shape[-1]
-    recon = out.reconstructions.view(-1, size, size)
-    _save_grid([[img[0] for img in x], list(recon)], out_dir / "reconstructions.png")
-
-    steps = torch.arange(-0.25, 0.25 + 1e-9, 0.05, device=device)  # 11 values
-    rows = []
-    for n in range(min(3, count)):
-        v, winner = out.digit_caps[n], int(out.lengths[n].argmax())
-        for d in range(v.shape[-1]):
-            moved = v.expand(len(steps), -1, -1).clone()
-            moved[:, winner, d] += steps
-            mask = torch.zeros(1, v.shape[0], 1, device=device)
-            mask[0, winner] = 1
-            rows.append(list(model.decoder((moved * mask).flatten(1)).view(-1, size, size)))
-    _save_grid(rows, out_dir / "perturbations.png")
-    return [out_dir / "reconstructions.png", out_dir / "perturbations.png"]
+    return [figures.reconstructions(model, images[:count], out_dir / "reconstructions.png"),
+            figures.perturbations(model, images[:3], out_dir / "perturbations.png")]
 
 
 def main(argv=None) -> int:
@@ -124,7 +94,9 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     p = OneLineParser(prog="python -m capsrouting.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoints", nargs="+", type=Path)
+    p.add_argument("checkpoints", nargs="*", type=Path)
+    p.add_argument("--curves", type=Path, default=None, metavar="RUN_DIR",
+                   help="draw loss, validation and test error per epoch from RUN_DIR/log.jsonl to RUN_DIR/curves.png")
     p.add_argument("--data-dir", default=None, help="MNIST IDX files (default: $CAPSROUTING_DATA)")
     p.add_argument("--download", action="store_true", help="fetch MNIST into the cache when it is not in --data-dir")
     p.add_argument("--affine", action="store_true", help="also the affNIST-like test set (canvas-trained models)")
@@ -133,6 +105,15 @@ def _main(argv=None) -> int:
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if not args.checkpoints and args.curves is None:
+        p.error("give one or more checkpoints, or --curves RUN_DIR")
+    if args.curves is not None:
+        try:
+            print(f"wrote {figures.training_curves(args.curves, args.curves / 'curves.png')}")
+        except (FileNotFoundError, ValueError) as exc:
+            raise CommandError(str(exc)) from exc
+        if not args.checkpoints:
+            return 0
 
     images, labels = load_split(args.data_dir, "test", args.download)
     if args.test_subset:

@@ -142,3 +142,39 @@ def test_evaluate_reads_checkpoints_from_before_amp(mnist_dir, tmp_path):
     torch.save(state, tmp_path / "old.pt")
     model, config = evaluate.load_checkpoint(tmp_path / "old.pt", "cpu")
     assert config["amp"] == "off"
+
+
+def test_training_curves_and_pictures(mnist_dir, tmp_path):
+    _train(mnist_dir, tmp_path, "--epochs", "2")
+    assert evaluate.main(["--curves", str(tmp_path)]) == 0
+    assert (tmp_path / "curves.png").stat().st_size > 5000
+    model, config = evaluate.load_checkpoint(tmp_path / "last.pt", "cpu")
+    from capsrouting import data
+
+    images = train.prepare_images(data.load_mnist(mnist_dir, "test")[0][:4], None, 0, None)
+    written = evaluate.pictures(model, config, images, tmp_path / "pictures")
+    assert [p.name for p in written] == ["reconstructions.png", "perturbations.png"]
+    assert all(p.stat().st_size > 2000 for p in written)
+
+
+def test_curves_of_a_directory_without_a_log_get_one_line(tmp_path):
+    code, lines = _cli("capsrouting.evaluate", "--curves", str(tmp_path))
+    assert code == 2 and len(lines) == 1 and "log.jsonl does not exist" in lines[0], lines
+
+
+def test_tensorboard_scalars(mnist_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    _train(mnist_dir, tmp_path, "--epochs", "1", "--tensorboard", "--no-reconstruction")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"train_loss", "val_error", "test_error", "lr"} <= set(events.Tags()["scalars"])
+
+
+def test_tensorboard_missing_says_what_to_install(mnist_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    args = ["--data-dir", str(mnist_dir), "--train-subset", "64", "--val-size", "100", "--out-dir", str(tmp_path), "--tensorboard"]
+    assert train.main(args) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "--tensorboard needs the tensorboard package" in line and "pip install tensorboard" in line
