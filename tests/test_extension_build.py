@@ -70,7 +70,7 @@ def test_first_use_compiles_the_extension_just_in_time(tmp_path):
 
 def test_info_names_the_reason(tmp_path):
     environment = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"), CAPSROUTING_EXTENSION="off")
-    result = subprocess.run([sys.executable, "-m", "capsrouting.info"], env=environment, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "capsrouting.info", "--no-timing"], env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "cpu     unavailable: disabled by CAPSROUTING_EXTENSION=off" in result.stdout
     assert "backend='auto' runs 'torch' for cpu tensors" in result.stdout
