@@ -19,16 +19,13 @@ first-order path, eager or compiled, always runs the fused backward.
 import torch
 
 from . import reference
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .backends import accumulation_dtype
 
 
 def reference_gradients(inputs, grad_v: torch.Tensor, num_iterations: int, has_weights: bool):
     """Gradients of the reference routing at ``inputs`` ((u, W) or (u_hat,)), with a graph of their own."""
     leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
-    acc = _accumulate_dtype(leaves[0].dtype)
+    acc = accumulation_dtype(leaves[0].dtype)
     run = reference.capsule_routing if has_weights else reference.route
     with torch.enable_grad():
         v = run(*[t.to(acc) for t in leaves], num_iterations)

@@ -30,6 +30,11 @@ class Backend:
     shape_reason: Callable = lambda x, W: None
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What every backend sums in for inputs of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 _REGISTRY: dict = {}
 # Automatic choice, fastest first, per device type.
 _PREFERENCE = {"cuda": ["triton", "cuda", "torch"], "cpu": ["cpu", "torch"]}

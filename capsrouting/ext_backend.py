@@ -14,18 +14,14 @@ import torch
 from . import _extension
 from ._autograd import register_routing_autograd
 from ._validation import check_capsule_routing_args, check_route_args
-from .backends import Backend, register
+from .backends import Backend, accumulation_dtype, register
 
 # Sizes the CUDA kernel is compiled for (one warp covers a Dout vector; see routing_cuda.cu).
 CUDA_MAX_J, CUDA_MAX_DOUT, CUDA_MAX_DIN = 64, 32, 16
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _fake_forward(x: torch.Tensor, J: int, D: int, num_iterations: int):
-    saved = x.new_empty(x.shape[0], num_iterations, J, D, dtype=_accumulate_dtype(x.dtype))
+    saved = x.new_empty(x.shape[0], num_iterations, J, D, dtype=accumulation_dtype(x.dtype))
     return x.new_empty(x.shape[0], J, D), saved, torch.empty_like(saved)
 
 

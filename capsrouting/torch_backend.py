@@ -2,22 +2,16 @@
 import torch
 
 from . import reference
-from .backends import Backend, register
-
-_HALF_TYPES = (torch.float16, torch.bfloat16)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _HALF_TYPES else dtype
+from .backends import Backend, accumulation_dtype, register
 
 
 def capsule_routing(u: torch.Tensor, W: torch.Tensor, num_iterations: int) -> torch.Tensor:
-    dtype = _compute_dtype(u.dtype)
+    dtype = accumulation_dtype(u.dtype)
     return reference.capsule_routing(u.to(dtype), W.to(dtype), num_iterations).to(u.dtype)
 
 
 def route(u_hat: torch.Tensor, num_iterations: int) -> torch.Tensor:
-    dtype = _compute_dtype(u_hat.dtype)
+    dtype = accumulation_dtype(u_hat.dtype)
     return reference.route(u_hat.to(dtype), num_iterations).to(u_hat.dtype)
 
 

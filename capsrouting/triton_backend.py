@@ -15,7 +15,7 @@ import torch
 
 from ._autograd import register_routing_autograd
 from ._validation import check_capsule_routing_args, check_route_args
-from .backends import Backend, register
+from .backends import Backend, accumulation_dtype, register
 from .reference import SQUASH_EPS, squash
 
 # Largest sizes the kernels are compiled and tested for.
@@ -151,10 +151,6 @@ def batch_chunks(B: int, I: int, k_chunks: int, weights_per_pair: int, device: t
     return max(1, min(memory_cap, _MAX_BATCH_CHUNKS, -(-_program_target(device) // programs)))
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _kernels():
     from . import _triton_kernels  # imported lazily: triton is optional
 
@@ -181,7 +177,7 @@ def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: 
     """
     B, I, J, D, K = _shape(x, W)
     R = num_iterations
-    acc = _compute_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     cfg = launch_config(J, D, K, x.element_size())
     v = torch.empty(B, J, D, device=x.device, dtype=x.dtype)
     s_saved = torch.empty(B, R, J, D, device=x.device, dtype=acc)
@@ -305,7 +301,7 @@ def route_backward_op(
 
 def _fake_forward(x, W, num_iterations):
     B, _, J, D, _ = _shape(x, W)
-    acc = _compute_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     saved = x.new_empty(B, num_iterations, J, D, dtype=acc)
     return x.new_empty(B, J, D), saved, torch.empty_like(saved)
 
