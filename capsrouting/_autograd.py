@@ -14,7 +14,9 @@ Double backward (``create_graph=True``, as gradient penalties use): the fused ba
 has no derivative of its own, so when a graph of the gradient is being built the gradient
 is computed instead by differentiating the reference (plain PyTorch autograd, the same
 values up to rounding), whose graph then carries the second derivatives exactly. The
-first-order path, eager or compiled, always runs the fused backward.
+first-order path, eager or compiled, always runs the fused backward. (``torch.compile``
+itself does not support double backward; ``torch.func.grad`` builds a graph of the
+gradient, so it takes the reference path.)
 """
 import torch
 
@@ -27,7 +29,8 @@ def reference_gradients(inputs, grad_v: torch.Tensor, num_iterations: int, has_w
     leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
     acc = accumulation_dtype(leaves[0].dtype)
     run = reference.capsule_routing if has_weights else reference.route
-    with torch.enable_grad():
+    # Inside an autocast region the reference's own ops would be cast back to half precision.
+    with torch.enable_grad(), torch.autocast(leaves[0].device.type, enabled=False):
         v = run(*[t.to(acc) for t in leaves], num_iterations)
         return torch.autograd.grad(v, leaves, grad_v.to(acc), create_graph=True)
 

@@ -38,7 +38,10 @@ def load_split(data_dir, split: str, download: bool):
     try:
         return data.load_mnist(data_dir, split, download=download)
     except FileNotFoundError as exc:
-        where = f"in {data_dir}" if data_dir else "(no --data-dir given and CAPSROUTING_DATA is unset)"
+        try:
+            where = f"in {data.resolve_data_dir(data_dir)}"
+        except FileNotFoundError:
+            where = "(no --data-dir given and CAPSROUTING_DATA is unset)"
         raise CommandError(
             f"MNIST files not found {where}: pass --download to fetch them into the cache "
             f"(CAPSROUTING_CACHE, default ~/.cache/capsrouting/mnist), or --data-dir DIR holding the IDX files"

@@ -1,7 +1,8 @@
 """The public routing functions: validate, pick a backend, run it.
 
-Inside ``torch.autocast`` every entry point casts its floating inputs to the autocast
-dtype of their device type and returns its result in that dtype: half types are
+Inside ``torch.autocast`` every entry point casts its float32 and half inputs to the
+autocast dtype of their device type (float64 is left alone, as PyTorch's autocast does)
+and returns its result in that dtype: half types are
 computed with float32 accumulation by every backend, so this is the precision autocast
 asks for at no loss of accuracy in the sums. The cast is differentiable, so gradients
 reach float32 parameters in float32. Outside autocast, mixed dtypes raise ``TypeError``.
@@ -28,7 +29,9 @@ def _cast_for_autocast(*tensors) -> Tuple[Tuple[torch.Tensor, ...], bool]:
     dtype = autocast_dtype(first) if isinstance(first, torch.Tensor) else None
     if dtype is None:
         return tensors, False
-    cast = tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+    # As PyTorch's autocast: float64 is left alone (a float64 problem stays exact).
+    castable = (torch.float32, torch.float16, torch.bfloat16)
+    cast = tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in castable else t for t in tensors)
     return cast, True
 
 

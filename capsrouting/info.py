@@ -110,22 +110,31 @@ def speed_lines(device: str, batch: int = 32, backend_names: Optional[List[str]]
             if device == "cuda":
                 torch.cuda.synchronize()
 
-        return _median_ms(step)
+        try:
+            return _median_ms(step)
+        except Exception as exc:  # e.g. torch.compile without a working compiler: say so, go on
+            return f"not timed ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]})"
+
+    def ratio(a, b):
+        return f"{a / b:.1f}x" if isinstance(a, float) and isinstance(b, float) else "n/a"
+
+    def ms(t):
+        return f"{t:8.2f} ms" if isinstance(t, float) else t
 
     compiled = torch.compile(lambda a, b: reference.capsule_routing(a, b, 3))
     eager_ms = timed(lambda a, b: capsule_routing(a, b, 3, backend="torch"))
     compiled_ms = timed(compiled)
     lines = [f"speed on {device}, paper layer (B={batch}, 1152 x 8 -> 10 x 16, 3 iterations), forward+backward, float32:",
-             f"  eager reference      {eager_ms:8.2f} ms",
-             f"  torch.compile of it  {compiled_ms:8.2f} ms   ({eager_ms / compiled_ms:.1f}x eager)"]
+             f"  eager reference      {ms(eager_ms)}",
+             f"  torch.compile of it  {ms(compiled_ms)}   ({ratio(eager_ms, compiled_ms)} eager)"]
     names = backend_names if backend_names is not None else backends.available_backends()
     for name in names:
         if name == "torch" or device not in backends.get(name).device_types():
             continue
         if name == "triton" and device == "cpu":  # the interpreter: a test tool, not a speed
             continue
-        ms = timed(lambda a, b, name=name: capsule_routing(a, b, 3, backend=name))
-        lines.append(f"  backend {name:12s} {ms:8.2f} ms   ({eager_ms / ms:.1f}x eager, {compiled_ms / ms:.1f}x compiled)")
+        t = timed(lambda a, b, name=name: capsule_routing(a, b, 3, backend=name))
+        lines.append(f"  backend {name:12s} {ms(t)}   ({ratio(eager_ms, t)} eager, {ratio(compiled_ms, t)} compiled)")
     return lines
 
 

@@ -101,6 +101,24 @@ def parse_args(argv=None):
     return args
 
 
+# What a resumed run must share with the run that wrote last.pt: everything that decides which
+# images are trained on, in which order, and what the model and its loss are. (Defaults for
+# checkpoints written before the option existed.)
+RESUME_MUST_MATCH = dict(model=None, iterations=None, no_reconstruction=None, canvas=None, shift=None, seed=None,
+                         batch_size=None, train_subset=None, max_steps=None, reconstruction_weight=None,
+                         val_size=0, amp="off")
+
+
+def check_resumable(saved: dict, config: dict, path: Path) -> None:
+    """A CommandError naming the first option that differs from the checkpoint's run."""
+    for key, default in RESUME_MUST_MATCH.items():
+        before = saved.get(key, default)
+        if before != config[key]:
+            flag = "--" + key.replace("_", "-")
+            raise CommandError(f"{path} was trained with {flag} {before}, this run asks for {config[key]}: "
+                               f"resume with the same options, or start a new --out-dir")
+
+
 def build_model(config: dict) -> nn.Module:
     size = config["canvas"] or 28
     if config["model"] == "baseline":
@@ -158,8 +176,9 @@ def error_rate(model, config, images, labels, device) -> float:
     return error
 
 
-def open_tensorboard(out_dir: Path):
-    """A SummaryWriter in OUT_DIR/tensorboard, or a CommandError saying what to install."""
+def open_tensorboard(out_dir: Optional[Path]):
+    """A SummaryWriter in OUT_DIR/tensorboard (None: only check that it can be made), or a
+    CommandError saying what to install."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
@@ -167,7 +186,7 @@ def open_tensorboard(out_dir: Path):
             f"--tensorboard needs the tensorboard package ({exc}): pip install tensorboard, "
             "or install capsrouting with the [tensorboard] extra"
         ) from exc
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard")) if out_dir is not None else None
 
 
 def save_atomically(obj, path: Path) -> None:
@@ -196,6 +215,8 @@ def _main(argv=None) -> int:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, 1
     device = torch.device(args.device)
+    if args.tensorboard:
+        open_tensorboard(None)  # on every rank, before any process group: a missing package stops all alike
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -229,6 +250,7 @@ def _main(argv=None) -> int:
     start_epoch, best, since_best = 0, math.inf, 0
     if args.resume and (out_dir / "last.pt").exists():
         state = load_checkpoint_file(out_dir / "last.pt", device)
+        check_resumable(state["config"], config, out_dir / "last.pt")
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -297,7 +319,8 @@ def _main(argv=None) -> int:
         else:
             since_best += 1
         record = dict(epoch=epoch + 1, train_loss=total_loss / seen, first_step_loss=first_loss, last_step_loss=step_loss,
-                      train_accuracy=correct / seen, val_error=val_error, test_error=test_error, best_val_error=best,
+                      train_accuracy=correct / seen, val_error=val_error, test_error=test_error,
+                      best_val_error=best if best < math.inf else None,
                       lr=lr, seconds=seconds, images_per_second=seen * world / seconds, amp=args.amp)
         log.write(json.dumps(record) + "\n")
         log.flush()

@@ -19,19 +19,29 @@ def _available(name):
     return pytest.mark.skipif(unavailable_reason(name) is not None, reason=f"{name} backend: {unavailable_reason(name)}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", HALF_TYPES)
-@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=_available("cpu"))])
-def test_backends_under_autocast_match_the_reference(backend, dtype, device):
-    if backend == "cpu" and device != "cpu":
-        pytest.skip("backend cpu runs on CPU tensors")
+@pytest.mark.parametrize("backend,device", [
+    *[pytest.param("torch", device, id=f"torch-{device}") for device in DEVICES],
+    pytest.param("cpu", "cpu", id="cpu", marks=_available("cpu")),
+    pytest.param("cuda", "cuda", id="cuda", marks=_available("cuda")),
+])
+def test_backends_under_autocast_match_the_reference(backend, device, dtype):
     assert_matches_reference_under_autocast(backend, 5, 37, 8, 10, 16, 3, dtype=dtype, device=device)
 
 
 @_available("triton")
-def test_triton_under_bfloat16_autocast_matches_the_reference():
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_triton_under_autocast_matches_the_reference(dtype):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    assert_matches_reference_under_autocast("triton", 2, 37, 8, 10, 16, 3, dtype=torch.bfloat16, device=device)
+    assert_matches_reference_under_autocast("triton", 2, 37, 8, 10, 16, 3, dtype=dtype, device=device)
+
+
+def test_float64_is_left_alone_by_autocast():
+    u, W = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(5, 4, 6, 3, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v = capsrouting.capsule_routing(u, W, backend="torch")
+    assert v.dtype == torch.float64
+    torch.testing.assert_close(v, reference.capsule_routing(u, W), rtol=1e-12, atol=1e-12)
 
 
 def test_mixed_dtypes_outside_autocast_still_raise():

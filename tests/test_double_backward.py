@@ -37,16 +37,55 @@ def test_gradgradcheck_both_entry_points(backend, device):
 
 @pytest.mark.parametrize("backend,device", _backends())
 def test_second_derivative_equals_the_reference(backend, device):
-    """d/dW of |dL/du|^2 with u a constant input (the data does not require grad)."""
+    """d/dW of |dL/du|^2 (input penalty), and d/dW of |dL/dW|^2 with u data that needs no gradient."""
     u, W = make_inputs(4, 7, 3, 5, 4, torch.float64, device)
     W.requires_grad_()
-    results = []
+    penalties, weight_penalties = [], []
     for name in (backend, "torch"):
         u_in = u.clone().requires_grad_()
         v = capsrouting.capsule_routing(u_in, W, 3, backend=name)
         (du,) = torch.autograd.grad(v.square().sum(), u_in, create_graph=True)
-        results.append(torch.autograd.grad(du.square().sum(), W)[0])
-    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+        penalties.append(torch.autograd.grad(du.square().sum(), W)[0])
+        v = capsrouting.capsule_routing(u, W, 3, backend=name)  # u does not require grad
+        (dW,) = torch.autograd.grad(v.square().sum(), W, create_graph=True)
+        weight_penalties.append(torch.autograd.grad(dW.square().sum(), W)[0])
+    torch.testing.assert_close(penalties[0], penalties[1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(weight_penalties[0], weight_penalties[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in _backends() if p.id != "torch"])
+def test_gradient_graph_under_autocast_matches_backend_torch(backend, device):
+    """create_graph inside bfloat16 autocast: the reference's gradient is computed in float32 too."""
+    u, W = make_inputs(4, 37, 8, 10, 16, torch.float32, device)
+    # A fixed direction, so that rounding differences in v (bfloat16) do not enter the gradient.
+    g = torch.randn(4, 10, 16, generator=torch.Generator().manual_seed(2)).to(device)
+    results = []
+    for name in (backend, "torch"):
+        u_in = u.clone().requires_grad_()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            v = capsrouting.capsule_routing(u_in, W, 3, backend=name)
+            (du,) = torch.autograd.grad((v.float() * g).sum(), u_in, create_graph=True)
+        results.append(du)
+    scale = results[1].abs().max()
+    assert (results[0] - results[1]).abs().max() <= 1e-2 * scale
+
+
+@pytest.mark.parametrize("backend,device", [p for p in _backends() if p.id in ("cpu", "cuda")])
+def test_first_order_backward_never_takes_the_reference_path(backend, device, monkeypatch):
+    """Eager and compiled backward run the fused op; only a graph of the gradient needs the reference."""
+    from capsrouting import _autograd
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference gradient ran in a first-order backward")
+
+    monkeypatch.setattr(_autograd, "reference_gradients", refuse)
+    u, W = make_inputs(3, 9, 4, 5, 6, torch.float32, device, requires_grad=True)
+    run = lambda a, b: capsrouting.capsule_routing(a, b, 3, backend=backend)  # noqa: E731
+    torch.autograd.grad(run(u, W).sum(), (u, W))
+    torch._dynamo.reset()
+    torch.autograd.grad(torch.compile(run, backend="aot_eager", fullgraph=True)(u, W).sum(), (u, W))
+    with pytest.raises(AssertionError, match="reference gradient ran"):
+        torch.autograd.grad(run(u, W).sum(), (u, W), create_graph=True)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in _backends() if p.id in ("cpu", "cuda")])

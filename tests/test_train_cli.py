@@ -178,3 +178,14 @@ def test_tensorboard_missing_says_what_to_install(mnist_dir, tmp_path, monkeypat
     assert train.main(args) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "--tensorboard needs the tensorboard package" in line and "pip install tensorboard" in line
+
+
+def test_resume_refuses_a_run_with_other_data_options(mnist_dir, tmp_path, capsys):
+    _train(mnist_dir, tmp_path, "--epochs", "1", "--no-reconstruction")
+    capsys.readouterr()  # the first run's epoch line
+    args = ["--data-dir", str(mnist_dir), "--train-subset", "128", "--val-size", "200", "--test-subset", "100",
+            "--batch-size", "32", "--max-steps", "2", "--out-dir", str(tmp_path), "--no-progress", "--epochs", "2",
+            "--no-reconstruction", "--resume"]
+    assert train.main(args) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "was trained with --val-size 300, this run asks for 200" in line

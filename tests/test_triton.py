@@ -171,8 +171,8 @@ def test_never_allocates_B_I_J_elements(monkeypatch, small_batch_paths):
     # I > 4 * BLOCK_I (16 here), so that the input capsules can be split.
     B, I, Din, J, Dout = 9, 65, 2, 5, 2
     device = torch.device(DEVICE)
-    if small_batch_paths:
-        monkeypatch.setattr(triton_backend, "_program_target", lambda device: 256)
+    # 256 programs wanted forces both small-batch paths; 1 (as under the interpreter) forces neither.
+    monkeypatch.setattr(triton_backend, "_program_target", lambda device: 256 if small_batch_paths else 1)
     cfg = triton_backend.launch_config(J, Dout, Din, element_size=4)
     paths = (triton_backend.split_count(B, I, cfg.BLOCK_I, device), triton_backend.batch_chunks(B, I, 1, Dout * Din, device))
     # Input capsules split across programs and dW summed over batch chunks, or neither.
@@ -192,7 +192,11 @@ def test_never_allocates_B_I_J_elements(monkeypatch, small_batch_paths):
     assert largest < limit, f"triton capsule_routing allocated {largest} bytes, limit {limit}"
     # route returns du_hat (B, I, J, D), the gradient the caller asked for; nothing else may reach B*I*J elements.
     sizes = allocation_sizes(lambda: torch.autograd.grad(capsrouting.route(u_hat, 3, backend="triton").square().sum(), u_hat))
-    assert [n for n in sizes if n >= limit] == [u_hat.numel() * u_hat.element_size()], sorted(sizes)[-4:]
+    du_hat_bytes = u_hat.numel() * u_hat.element_size()
+    big = [n for n in sizes if n >= limit]
+    # The CUDA caching allocator reports sizes rounded up to its 512-byte blocks.
+    rounding = 512 if DEVICE == "cuda" else 0
+    assert len(big) == 1 and du_hat_bytes <= big[0] <= du_hat_bytes + rounding, (big, sorted(sizes)[-4:])
 
 
 def test_opcheck():
