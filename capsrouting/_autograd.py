@@ -54,3 +54,20 @@ def register_routing_autograd(forward_op, backward_op, has_weights: bool) -> Non
         return (grads[0] if isinstance(grads, (tuple, list)) else grads), None
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def register_backward_op_autograd(backward_op, qualified_name: str) -> None:
+    """The fused backward op has no derivative of its own: differentiating it directly (not through
+    the forward op's autograd, which handles ``create_graph``) raises a clear error instead of
+    PyTorch's warning and silently wrong second derivatives."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{qualified_name} has no derivative of its own; differentiate capsrouting.capsule_routing or "
+            "capsrouting.route with create_graph=True instead (they switch to an exact differentiable gradient)"
+        )
+
+    torch.library.register_autograd(backward_op, backward, setup_context=setup_context)

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from . import _extension
-from ._autograd import register_routing_autograd
+from ._autograd import register_backward_op_autograd, register_routing_autograd
 from ._validation import check_capsule_routing_args, check_route_args
 from .backends import Backend, accumulation_dtype, register
 
@@ -50,6 +50,8 @@ def _ops_ready() -> Optional[str]:
     torch.library.register_fake("capsrouting::route_ext_backward")(lambda grad_v, u_hat, s, V, n: torch.empty_like(u_hat))
     register_routing_autograd("capsrouting::capsule_routing_ext", ops.capsule_routing_ext_backward, has_weights=True)
     register_routing_autograd("capsrouting::route_ext", ops.route_ext_backward, has_weights=False)
+    for name in ("capsrouting::capsule_routing_ext_backward", "capsrouting::route_ext_backward"):
+        register_backward_op_autograd(name, name)
     return None
 
 

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._autograd import register_routing_autograd
+from ._autograd import register_backward_op_autograd, register_routing_autograd
 from ._validation import check_capsule_routing_args, check_route_args
 from .backends import Backend, accumulation_dtype, register
 from .reference import SQUASH_EPS, squash
@@ -322,6 +322,8 @@ route_backward_op.register_fake(lambda grad_v, u_hat, s, V, n: torch.empty_like(
 
 register_routing_autograd(capsule_routing_op, capsule_routing_backward_op, has_weights=True)
 register_routing_autograd(route_op, route_backward_op, has_weights=False)
+register_backward_op_autograd(capsule_routing_backward_op, "capsrouting::capsule_routing_triton_backward")
+register_backward_op_autograd(route_backward_op, "capsrouting::route_triton_backward")
 
 
 # ---- backend entry points ----------------------------------------------------------------------

@@ -104,3 +104,16 @@ def test_gradient_penalty_step_of_a_capsnet_matches_backend_torch(backend, devic
     for got, want in zip(grads[backend], grads["torch"]):
         scale = want.abs().max()
         assert (got - want).abs().max() <= 1e-9 * scale, (got - want).abs().max() / scale
+
+
+@pytest.mark.parametrize("backend,device", [p for p in _backends() if p.id != "torch"])
+def test_differentiating_a_backward_op_directly_raises_a_clear_error(backend, device):
+    ops = torch.ops.capsrouting
+    op = {"triton": ops.route_triton_backward, "cpu": ops.route_ext_backward, "cuda": ops.route_ext_backward}[backend]
+    forward = {"triton": ops.route_triton, "cpu": ops.route_ext, "cuda": ops.route_ext}[backend]
+    u_hat = torch.randn(2, 5, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    _, s_saved, V_saved = forward(u_hat.detach(), 2)
+    grad_v = torch.randn(2, 3, 4, dtype=torch.float64, device=device)
+    du_hat = op(grad_v, u_hat, s_saved, V_saved, 2)
+    with pytest.raises(RuntimeError, match="has no derivative of its own; differentiate capsrouting"):
+        du_hat.sum().backward()
