@@ -72,14 +72,21 @@ def check_squash_args(s, dim) -> None:
         raise ValueError(f"dim must be in [{-s.dim()}, {s.dim() - 1}] for s of shape {tuple(s.shape)}, got {dim}")
 
 
-def check_labels(labels, batch_size: int, num_classes: int) -> None:
-    """labels must be an int64 tensor of shape (batch_size,) with values in [0, num_classes)."""
+def check_labels(labels, batch_size: int, num_classes: int, allow_sets: bool = False) -> None:
+    """labels must be an int64 tensor of shape (batch_size,) with values in [0, num_classes);
+    with ``allow_sets`` also (batch_size, L), L distinct classes per row (several digits per image)."""
+    layout = "(B,) or (B, L)" if allow_sets else "(B,)"
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor of shape (B,), got {type(labels).__name__}")
+        raise TypeError(f"labels must be a torch.Tensor of shape {layout}, got {type(labels).__name__}")
     if labels.dtype != torch.int64:
         raise TypeError(f"labels must have dtype torch.int64, got {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != batch_size:
-        raise ValueError(f"labels must have shape (B,) = ({batch_size},), got shape {tuple(labels.shape)}")
+    dims_ok = labels.dim() == 1 or (allow_sets and labels.dim() == 2 and 1 <= labels.shape[1] <= num_classes)
+    if not dims_ok or labels.shape[0] != batch_size:
+        raise ValueError(f"labels must have shape {layout} with B = {batch_size}, got shape {tuple(labels.shape)}")
+    if labels.dim() == 2 and labels.numel() and not torch.compiler.is_compiling():
+        ordered = labels.sort(dim=1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise ValueError("labels of shape (B, L) must hold L different classes in every row")
     # The value check reads the data back: skipped while torch.compile traces (it would break the graph).
     if labels.numel() and not torch.compiler.is_compiling() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(

@@ -22,6 +22,17 @@ Parameter counts at S = 28: 8,215,568 with the decoder, 6,804,224 without
 ``BaselineCNN`` is the paper's CNN baseline: three 5x5 'same' convolutions of
 256, 256 and 128 channels (ReLU, no pooling), then FC 328 ReLU, FC 192 ReLU,
 dropout and FC num_classes; 35,445,522 parameters at S = 28.
+
+``AffineBaselineCNN`` is the paper's affNIST baseline, which the paper describes only as
+"a traditional convolutional model with a similar number of parameters" with max-pooling
+and dropout. Ours: conv 128 5x5 'same' ReLU, 2x2 max-pool, conv 256 5x5 'same' ReLU, 2x2
+max-pool, FC 512 ReLU, dropout, FC num_classes: 13,935,626 parameters at S = 40, against
+CapsNet-40's 13,475,648 (+3.4%).
+
+``MultiMNISTBaselineCNN`` is the paper's MultiMNIST baseline (§6): conv 512 9x9, 2x2
+max-pool, conv 256 5x5, 2x2 max-pool, FC 1024, FC num_classes, ReLU, trained with sigmoid
+cross-entropy and read out top-2. 'Same' padding on 36 x 36 gives the paper's 24.56 M
+parameters (24,563,978).
 """
 from typing import NamedTuple, Optional
 
@@ -32,7 +43,7 @@ from ._validation import check_labels, check_num_iterations
 from .functional import squash
 from .layer import CapsuleLayer
 
-__all__ = ["CapsNet", "CapsNetOutput", "BaselineCNN"]
+__all__ = ["CapsNet", "CapsNetOutput", "BaselineCNN", "AffineBaselineCNN", "MultiMNISTBaselineCNN"]
 
 # Primary capsules: 32 capsule channels ("types") of 8-D capsules.
 PRIMARY_CHANNELS = 32
@@ -94,6 +105,10 @@ class CapsNet(nn.Module):
     otherwise (eval mode, or no labels) it is the longest capsule, i.e. the
     prediction. Labels given in eval mode are validated but do not affect the
     output.
+
+    Several digits per image (MultiMNIST, paper §6): labels (B, L) with L distinct
+    classes per row give reconstructions (B, L, S*S), one per label in training mode
+    and one per each of the L longest capsules (longest first) in eval mode.
     """
 
     def __init__(
@@ -162,7 +177,7 @@ class CapsNet(nn.Module):
     def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> CapsNetOutput:
         _check_images(x, self.input_size)
         if labels is not None:
-            check_labels(labels, x.shape[0], self.num_classes)
+            check_labels(labels, x.shape[0], self.num_classes, allow_sets=True)
 
         v = self.digit_caps(self.primary_capsules(x))  # (B, num_classes, 16)
         lengths = torch.linalg.vector_norm(v, dim=-1)  # (B, num_classes), < 1 by the squash
@@ -171,13 +186,27 @@ class CapsNet(nn.Module):
         if self.decoder is not None:
             if self.training and labels is not None:
                 kept = labels
+            elif labels is not None and labels.dim() == 2:
+                kept = lengths.topk(labels.shape[1], dim=-1).indices  # the L longest, longest first
             else:
                 kept = lengths.argmax(dim=-1)
-            mask = nn.functional.one_hot(kept, self.num_classes).to(v.dtype)  # (B, num_classes)
-            # Zero every capsule but the kept one, so the decoder (and its gradient)
-            # sees only that capsule's instantiation parameters.
-            reconstructions = self.decoder((v * mask.unsqueeze(-1)).flatten(1))
+            reconstructions = self.reconstruct(v, kept)
         return CapsNetOutput(lengths=lengths, reconstructions=reconstructions, digit_caps=v)
+
+    def reconstruct(self, v: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Decode digit capsules v (B, num_classes, 16) keeping one capsule per row of ``kept``.
+
+        kept (B,) int64 gives (B, S*S); kept (B, L) gives (B, L, S*S), the l-th image decoded
+        from capsule ``kept[:, l]`` alone (the two digits of a MultiMNIST image).
+        """
+        if self.decoder is None:
+            raise RuntimeError("this CapsNet was built with reconstruction=False: it has no decoder")
+        mask = nn.functional.one_hot(kept, self.num_classes).to(v.dtype)  # (B, [L,] num_classes)
+        if kept.dim() == 2:
+            v = v.unsqueeze(1)  # (B, 1, num_classes, 16) against the mask's (B, L, num_classes, 1)
+        # Zero every capsule but the kept one, so the decoder (and its gradient)
+        # sees only that capsule's instantiation parameters.
+        return self.decoder((v * mask.unsqueeze(-1)).flatten(-2))
 
     def extra_repr(self) -> str:
         return (
@@ -227,3 +256,61 @@ class BaselineCNN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"input_size={self.input_size}, num_classes={self.num_classes}"
+
+
+def _check_dropout(dropout) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
+class _PooledCNN(nn.Module):
+    """Two 'same' convolutions, each followed by ReLU and a 2x2 max-pool, then an MLP head."""
+
+    def __init__(self, input_size: int, num_classes: int, convs, hidden: int, dropout: float):
+        super().__init__()
+        _check_positive_int("input_size", input_size, minimum=4)
+        _check_positive_int("num_classes", num_classes)
+        self.input_size, self.num_classes = input_size, num_classes
+        layers, channels = [], 1
+        for out_channels, kernel in convs:
+            layers += [nn.Conv2d(channels, out_channels, kernel, padding=kernel // 2), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+            channels = out_channels
+        self.features = nn.Sequential(*layers)
+        side = input_size // 2 // 2
+        self.classifier = nn.Sequential(
+            nn.Linear(channels * side * side, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=_check_dropout(dropout)),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes) of x (B, 1, S, S)."""
+        _check_images(x, self.input_size)
+        return self.classifier(self.features(x).flatten(1))
+
+    def extra_repr(self) -> str:
+        return f"input_size={self.input_size}, num_classes={self.num_classes}"
+
+
+class AffineBaselineCNN(_PooledCNN):
+    """The affNIST baseline: conv 128 5x5, pool, conv 256 5x5, pool, FC 512, dropout, FC.
+
+    13,935,626 parameters at S = 40 ("a similar number of parameters" to CapsNet-40's 13.5 M).
+    """
+
+    def __init__(self, input_size: int = 40, num_classes: int = 10, dropout: float = 0.5):
+        super().__init__(input_size, num_classes, convs=[(128, 5), (256, 5)], hidden=512, dropout=dropout)
+
+
+class MultiMNISTBaselineCNN(_PooledCNN):
+    """The paper's MultiMNIST baseline: conv 512 9x9, pool, conv 256 5x5, pool, FC 1024, FC.
+
+    No dropout (the paper names none); 24,563,978 parameters at S = 36. Train it with
+    :func:`~capsrouting.losses.multilabel_cross_entropy` and read the top-2 logits.
+    """
+
+    def __init__(self, input_size: int = 36, num_classes: int = 10, dropout: float = 0.0):
+        super().__init__(input_size, num_classes, convs=[(512, 9), (256, 5)], hidden=1024, dropout=dropout)
