@@ -131,7 +131,6 @@ def prediction_picture(images: torch.Tensor, labels: torch.Tensor, predictions: 
             ax.text(0.5, -0.12 - 0.14 * k, f"{'CapsNet' if name == 'capsnet' else 'CNN'}: {guess}",
                     transform=ax.transAxes, ha="center", va="top", fontsize=8,
                     color="black" if guess == int(labels[n]) else "red")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight" keeps the prediction lines below the axes
     plt.close(fig)
     return path
