@@ -133,6 +133,20 @@ def test_every_stage_fits_a_command_and_its_folders_are_ignored():
     assert len(ignored.stdout.splitlines()) == 3, ignored.stdout + ignored.stderr
 
 
+def test_readme_table_gives_every_stage_its_minutes():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## On a GPU: the playbook"):]
+    table = {}
+    for row in section.splitlines():
+        cells = [c.strip() for c in row.strip("|").split("|")] if row.startswith("| `") else []
+        if cells:
+            names, minutes = re.findall(r"`([a-z-]+)`", cells[0]), [int(m) for m in cells[-1].split(",")]
+            assert len(names) == len(minutes), row
+            table.update(zip(names, minutes))
+    assert table == {name: stage.minutes for name, stage in gpu.STAGES.items()}
+    assert f"About {sum(table.values())} minutes in all" in section
+
+
 # ---------------------------------------------------------------------------------------------
 # The runner, on stand-in stages of quick commands
 # ---------------------------------------------------------------------------------------------
