@@ -135,7 +135,7 @@ STAGES: Dict[str, Stage] = {stage.name: stage for stage in [
     Stage("check", "build the extension with CUDA; capsrouting.info (versions, every backend's self-check, speed); "
                    "every kernel once without and then under compute-sanitizer memcheck and racecheck",
           (BUILD,
-           Step("capsrouting.info", ("python3", "-m", "capsrouting.info"), seconds=40),
+           Step("capsrouting.info", ("python3", "-m", "capsrouting.info"), seconds=60),
            Step("the kernels once, unsanitized: values against the float64 reference (and the Triton cache warmed)",
                 ("python3", "bench/sanitize_kernels.py"), seconds=40, uses=("triton",)),
            _sanitizer("memcheck", 90),
@@ -153,7 +153,7 @@ STAGES: Dict[str, Stage] = {stage.name: stage for stage in [
     Stage("bench", "build the extension with CUDA; the benchmark report (every backend against the eager "
                    "reference and torch.compile, peak memory, training images/s)",
           (BUILD,
-           Step("benchmark report", ("python3", "-m", "bench.report", "--out-dir", "{results}"), seconds=300,
+           Step("benchmark report", ("python3", "-m", "bench.report", "--out-dir", "{results}"), seconds=330,
                 uses=("matplotlib",))),
           report_files=("{stamp}.json", "{stamp}.md", "{stamp}-time_vs_B.png", "{stamp}-time_vs_I.png",
                         "{stamp}-speedup.png")),
