@@ -49,6 +49,20 @@ import triton
 import triton.language as tl
 
 SQUASH_EPS = tl.constexpr(1e-8)  # as in reference.squash
+# Under TRITON_INTERPRET=1 Triton runs these functions as Python, on CPU tensors.
+_INTERPRETING = tl.constexpr(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def _loop_bound(n):
+    """n as a bound of range(): n itself when compiled, a Python int when interpreted.
+
+    Triton 3.6's interpreter holds scalars as 1-element arrays and hands them to range()
+    through int(), which NumPy >= 2.4 refuses; the branch below is never compiled.
+    """
+    if _INTERPRETING:
+        return n.handle.data.item() if isinstance(n, tl.tensor) else n
+    return n
 
 
 @triton.jit
@@ -71,7 +85,7 @@ def _predictions_tile(
         acc = tl.zeros((BLOCK_I, j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
         u_row = x_ptr + (b * I + i_offs) * K
         w_row = W_ptr + ((i3 * J + j3) * D + d3) * K
-        for k in range(K):
+        for k in range(_loop_bound(K)):
             u_k = tl.load(u_row + k, mask=i_offs < i_end, other=0.0).to(ACC)
             w_k = tl.load(w_row + k, mask=mask, other=0.0).to(ACC)
             acc += w_k * u_k[:, None, None]
@@ -140,7 +154,7 @@ def _accumulate_s(
     """sum over i in [i_begin, i_end) of c[i, j] u_hat[i, j] for logits dot(u_hat, V)."""
     s = tl.zeros((j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
     j_valid = (j_offs < J)[None, :]
-    for i0 in range(i_begin, i_end, BLOCK_I):
+    for i0 in range(_loop_bound(i_begin), _loop_bound(i_end), BLOCK_I):
         u_hat = _predictions_tile(x_ptr, W_ptr, b, i0, i_end, j_offs, d_offs, I, J, D, K, HAS_W, ACC, BLOCK_I)
         c = _coupling(tl.sum(u_hat * V[None, :, :], axis=2), j_valid)
         s += tl.sum(c[:, :, None] * u_hat, axis=0)
@@ -171,7 +185,7 @@ def _routing_forward_kernel(
     if num_splits == 1:
         V = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
         v = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
-        for r in range(R):
+        for r in range(_loop_bound(R)):
             s = _accumulate_s(x_ptr, W_ptr, b, V, 0, I, j_offs, d_offs, I, J, D, K, HAS_W, ACC, BLOCK_I)
             tl.store(s_ptr + state + r * J * D + jd_offs, s, mask=jd_mask)
             tl.store(Vprev_ptr + state + r * J * D + jd_offs, V, mask=jd_mask)
@@ -193,7 +207,7 @@ def _accumulate_agreement_grad(
     """A = sum over i in [i_begin, i_end) of g_b[i, j] u_hat[i, j] (DESIGN.md §3)."""
     A = tl.zeros((j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
     j_valid = (j_offs < J)[None, :]
-    for i0 in range(i_begin, i_end, BLOCK_I):
+    for i0 in range(_loop_bound(i_begin), _loop_bound(i_end), BLOCK_I):
         u_hat = _predictions_tile(x_ptr, W_ptr, b, i0, i_end, j_offs, d_offs, I, J, D, K, HAS_W, ACC, BLOCK_I)
         c = _coupling(tl.sum(u_hat * Vp[None, :, :], axis=2), j_valid)
         g_c = tl.sum(u_hat * gs[None, :, :], axis=2)
@@ -230,7 +244,7 @@ def _routing_backward_reduce_kernel(
         # Gradient reaching v(r): g_v for r = R, plus A(r') of every later iteration r' (they read V(r'-1)).
         g_top = tl.load(grad_v_ptr + b * J * D + jd_offs, mask=jd_mask, other=0.0).to(ACC)
         A_suffix = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
-        for rr in range(R):
+        for rr in range(_loop_bound(R)):
             r = R - 1 - rr
             s = tl.load(s_ptr + state + r * J * D + jd_offs, mask=jd_mask, other=0.0)
             gs = _squash_backward(s, A_suffix + g_top, SQUASH_EPS)
@@ -280,12 +294,12 @@ def _routing_backward_inputs_kernel(
 
     b_begin = b_chunk * b_per_chunk
     b_end = tl.minimum(b_begin + b_per_chunk, B)
-    for b in range(b_begin, b_end):
+    for b in range(_loop_bound(b_begin), _loop_bound(b_end)):
         # The one input capsule i as a BLOCK_I = 1 tile, squeezed to (BLOCK_J, BLOCK_D).
         u_hat = tl.sum(_predictions_tile(x_ptr, W_ptr, b, i, i + 1, j_offs, d_offs, I, J, D, K, HAS_W, ACC, 1), axis=0)
         du_hat = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
         state = b * R * J * D
-        for r in range(R):
+        for r in range(_loop_bound(R)):
             Vp = tl.load(Vprev_ptr + state + r * J * D + jd_offs, mask=jd_mask, other=0.0)
             gs = tl.load(gs_ptr + state + r * J * D + jd_offs, mask=jd_mask, other=0.0)
             c = tl.sum(_coupling(tl.sum(u_hat * Vp, axis=1)[None, :], j_valid[None, :]), axis=0)
