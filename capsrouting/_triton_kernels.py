@@ -43,7 +43,8 @@ Block sizes and warps come from ``triton_backend.launch_config``: J and D are
 padded to powers of two (at least 16 and 8, so few variants exist), tiles hold
 about 2048 elements (1024 in float64), 4 warps, more when J x D is large, and
 ptxas may use every register a program can have. ``tests/triton_aot.py``
-compiles every variant for sm_80 and sm_90 and checks that none spills.
+compiles every variant for sm_80 and sm_90 and checks that none spills (in CI
+with the current Triton, and for sm_90 with Triton 3.6, the oldest supported).
 """
 import triton
 import triton.language as tl
