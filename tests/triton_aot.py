@@ -1,6 +1,7 @@
 """Compile every Triton kernel variant the dispatch can launch, for real GPUs, without one.
 
-Usage: ``python tests/triton_aot.py [--arch 80 90] [--json FILE]``
+Usage: ``python tests/triton_aot.py [--arch 80 90] [--json FILE]``; tests call
+``compile_in_subprocess``.
 
 For each kernel, each (block sizes, has_weights) the launcher can choose
 (``triton_backend.all_launch_configs``) and each input dtype, it runs
@@ -16,9 +17,11 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 DTYPES = {"fp64": "fp64", "fp32": "fp32", "fp16": "fp32", "bf16": "fp32"}  # input dtype -> compute dtype
 ELEMENT_SIZES = {"fp64": 8, "fp32": 4, "fp16": 2, "bf16": 2}
@@ -120,11 +123,27 @@ def main(argv=None) -> int:
             f"{r['kernel']:33s} {r['arch']} {r['dtype']} W={int(r['has_weights'])} {blocks:32s} "
             f"regs={r['registers']:3d} shared={r['shared_bytes']:6d}{flag}"
         )
-    print(f"{len(results)} variants compiled, {bad} failed or spilled")
+    import triton
+
+    print(f"{len(results)} variants compiled with triton {triton.__version__}, {bad} failed or spilled")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return 1 if bad else 0
+
+
+def compile_in_subprocess(report: Path, archs=(80, 90), path_prefix=(), timeout=1200):
+    """Run this script in a fresh Python, with path_prefix first on its path; returns (process, results).
+
+    The environment loses TRITON_INTERPRET: the interpreter replaces the compiler in a process that sets it.
+    """
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, path_prefix), str(root), *filter(None, [env.get("PYTHONPATH")])])
+    command = [sys.executable, str(Path(__file__).resolve()), "--arch", *map(str, archs), "--json", str(report)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    results = json.loads(report.read_text()) if report.exists() else None
+    return proc, results
 
 
 if __name__ == "__main__":
