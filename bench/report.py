@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import capsrouting
+import capsrouting.info
 from bench import cases, memory
 from bench.training import training_images_per_second
 
@@ -26,13 +27,7 @@ from bench.training import training_images_per_second
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return capsrouting.info.cpu_name()
 
 
 def slug(text: str) -> str:

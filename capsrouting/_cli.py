@@ -29,6 +29,17 @@ def run(main, argv=None, prog: str = "capsrouting") -> int:
         return 2
 
 
+def check_device(parser: argparse.ArgumentParser, text: str) -> torch.device:
+    """The torch device named by --device, or the parser's one-line error."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        parser.error(f"--device must be a torch device such as cpu or cuda, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    return device
+
+
 def _one_line(text: str) -> str:
     return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
 

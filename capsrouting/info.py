@@ -10,6 +10,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from typing import List, Optional, Tuple
 
@@ -19,6 +20,17 @@ from . import __version__, backends, reference
 from ._cli import OneLineParser
 from .functional import capsule_routing, route
 from .tolerances import TOLERANCES, within_tolerance
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _versions() -> list:

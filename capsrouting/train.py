@@ -40,7 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data
-from ._cli import CommandError, OneLineParser, load_checkpoint_file, load_split, run
+from ._cli import CommandError, OneLineParser, check_device, load_checkpoint_file, load_split, run
 from .losses import capsnet_loss
 from .models import BaselineCNN, CapsNet
 
@@ -90,12 +90,7 @@ def parse_args(argv=None):
         p.error("--patience must be >= 1 and needs a validation set (--val-size > 0)")
     if args.canvas is not None and args.canvas < 28:
         p.error(f"--canvas must be >= 28 (the MNIST image size), got {args.canvas}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device must be a torch device such as cpu or cuda, got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible")
+    device = check_device(p, args.device)
     if args.amp == "fp16" and device.type != "cuda":
         p.error("--amp fp16 needs a CUDA device (on a CPU use --amp bf16)")
     return args

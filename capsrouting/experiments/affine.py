@@ -35,19 +35,11 @@ def build(name: str, backend: str):
 
 def main(argv=None) -> int:
     p = common.experiment_parser("affine", __doc__.splitlines()[0], PRESETS)
-    p.add_argument("--steps", type=int, help="step budget per model")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--eval-every", type=int, help="steps between validations")
-    p.add_argument("--val-size", type=int, help="held-out training digits for validation")
     p.add_argument("--target", type=float, default=0.992, help="stop once validation accuracy reaches this")
     p.add_argument("--test-size", type=int, help="test on the first N MNIST test digits")
     p.add_argument("--affnist-dir", type=Path, default=None, help="the affNIST test .mat files, when you have them")
     p.add_argument("--affnist-limit", type=int, help="use the first N real affNIST test images")
-    p.add_argument("--models", default="capsnet,baseline", help="comma-separated: capsnet, baseline")
     args = common.finish_parsing(p, argv, PRESETS)
-    models = [m for m in args.models.split(",") if m]
-    if not models or any(m not in NAMES for m in models):
-        p.error(f"--models must list capsnet and/or baseline, got {args.models!r}")
     if not 0 < args.target <= 1:
         p.error(f"--target must be an accuracy in (0, 1], got {args.target}")
     say = common.reporter(args)
@@ -68,7 +60,7 @@ def main(argv=None) -> int:
     budget = common.Budget(steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
                            target_accuracy=args.target)
     results, predictions = {}, {}
-    for name in models:
+    for name in args.models:
         torch.manual_seed(args.seed)
         model = build(name, args.backend).to(args.device)
 

@@ -16,7 +16,6 @@ by ``(seed, t)``, so a resumed run takes exactly the steps an uninterrupted one 
 """
 import json
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from datetime import date
@@ -26,7 +25,8 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
-from .._cli import CommandError, OneLineParser, load_split
+from .._cli import CommandError, OneLineParser, check_device, load_split
+from ..info import cpu_name
 from ..losses import capsnet_loss
 from ..models import CapsNet
 
@@ -237,18 +237,8 @@ def machine_line(device) -> str:
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
     else:
-        what = f"{_cpu_name()}, {torch.get_num_threads()} threads"
+        what = f"{cpu_name()}, {torch.get_num_threads()} threads"
     return f"{what}; torch {torch.__version__}; {date.today().isoformat()}"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown_table(header, rows) -> str:
@@ -258,7 +248,8 @@ def markdown_table(header, rows) -> str:
 
 
 def experiment_parser(name: str, description: str, presets: Dict[str, dict]) -> OneLineParser:
-    """The options every experiment takes; each adds its own and a ``presets`` table of defaults."""
+    """The options every experiment takes (--models parses to a list); each adds its own and a ``presets``
+    table of defaults."""
     p = OneLineParser(prog=f"python -m capsrouting.experiments {name}", description=description)
     p.add_argument("--preset", choices=sorted(presets), default="cpu",
                    help="default sizes: cpu (this project's 2-core machine, hours), gpu (one H100, minutes), "
@@ -270,6 +261,11 @@ def experiment_parser(name: str, description: str, presets: Dict[str, dict]) -> 
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--models", default="capsnet,baseline", help="comma-separated: capsnet, baseline")
+    p.add_argument("--steps", type=int, help="step budget of every run")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--eval-every", type=int, help="steps between validations")
+    p.add_argument("--val-size", type=int, help="held-out training digits for validation")
     return p
 
 
@@ -282,12 +278,11 @@ def finish_parsing(p: OneLineParser, argv, presets: Dict[str, dict]):
     for key, value in vars(args).items():
         if isinstance(value, int) and not isinstance(value, bool) and key not in ("seed",) and value < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device must be a torch device such as cpu or cuda, got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible")
+    check_device(p, args.device)
+    models = [m for m in args.models.split(",") if m]
+    if not models or any(m not in ("capsnet", "baseline") for m in models):
+        p.error(f"--models must list capsnet and/or baseline, got {args.models!r}")
+    args.models = models
     return args
 
 

@@ -47,16 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", help="comma-separated training-set sizes (multiples of 10) or all")
     p.add_argument("--seeds", type=int, help=f"seeds (subsets and initialisations) per size up to {SMALL}")
     p.add_argument("--seeds-large", type=int, help=f"seeds per size above {SMALL}")
-    p.add_argument("--steps", type=int, help="step budget of every run")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--eval-every", type=int, help="steps between validations")
-    p.add_argument("--val-size", type=int, help="held-out training digits for validation")
     p.add_argument("--test-size", type=int, help="test on the first N MNIST test digits")
-    p.add_argument("--models", default="capsnet,baseline", help="comma-separated: capsnet, baseline")
     args = common.finish_parsing(p, argv, PRESETS)
-    models = [m for m in args.models.split(",") if m]
-    if not models or any(m not in NAMES for m in models):
-        p.error(f"--models must list capsnet and/or baseline, got {args.models!r}")
     say = common.reporter(args)
 
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = common.load_mnist_splits(args, args.val_size)
@@ -78,7 +70,7 @@ def main(argv=None) -> int:
                 except ValueError as exc:
                     raise common.CommandError(f"--sizes {size}: {exc}") from exc
             x_pool, y_pool = train_x[subset], train_y[subset]
-            for name in models:
+            for name in args.models:
                 torch.manual_seed(seed)
                 model = (CapsNet(backend=args.backend) if name == "capsnet" else BaselineCNN()).to(args.device)
 
@@ -99,17 +91,17 @@ def main(argv=None) -> int:
 
     summary = summarise(results)
     machine = common.machine_line(args.device)
-    header = ["training images", "seeds"] + [f"{NAMES[m]} test error" for m in models]
+    header = ["training images", "seeds"] + [f"{NAMES[m]} test error" for m in args.models]
     rows = []
     for size in sizes:
-        cells = [summary[(m, size)] for m in models]
+        cells = [summary[(m, size)] for m in args.models]
         rows.append([f"{size:,}", cells[0]["runs"]] + [f"{c['mean']:.2f}% ± {c['std']:.2f}" for c in cells])
     table = common.markdown_table(header, rows)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "table.md").write_text(table)
     (args.out_dir / "results.json").write_text(json.dumps(dict(
         machine=machine, budget=vars(budget), test_size=len(test_y), runs=results), indent=1) + "\n")
-    plot = error_plot(summary, models, sizes, args.out_dir / "data_efficiency.png", budget, len(test_y))
+    plot = error_plot(summary, args.models, sizes, args.out_dir / "data_efficiency.png", budget, len(test_y))
     print(table + f"\n(test error in %, mean ± standard deviation over seeds; {len(test_y)} test digits; "
           f"{budget.steps} steps of {budget.batch_size})\nmachine: {machine}\nwrote {args.out_dir / 'table.md'}, {plot}")
     return 0

@@ -36,17 +36,9 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
 
 def main(argv=None) -> int:
     p = common.experiment_parser("multimnist", __doc__.splitlines()[0], PRESETS)
-    p.add_argument("--steps", type=int, help="step budget per model")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--eval-every", type=int, help="steps between validations")
-    p.add_argument("--val-size", type=int, help="held-out training digits; one validation pair each")
     p.add_argument("--pairs-per-image", type=int, help="training pairs per training digit (the paper: 1000)")
     p.add_argument("--test-pairs", type=int, help="test pairs (as many per test digit as needed)")
-    p.add_argument("--models", default="capsnet,baseline", help="comma-separated: capsnet, baseline")
     args = common.finish_parsing(p, argv, PRESETS)
-    models = [m for m in args.models.split(",") if m]
-    if not models or any(m not in NAMES for m in models):
-        p.error(f"--models must list capsnet and/or baseline, got {args.models!r}")
     say = common.reporter(args)
 
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = common.load_mnist_splits(args, args.val_size)
@@ -63,7 +55,7 @@ def main(argv=None) -> int:
 
     budget = common.Budget(steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every)
     results, trained = {}, {}
-    for name in models:
+    for name in args.models:
         torch.manual_seed(args.seed)
         model = (CapsNet(input_size=SIDE, backend=args.backend) if name == "capsnet"
                  else MultiMNISTBaselineCNN(input_size=SIDE)).to(args.device)
