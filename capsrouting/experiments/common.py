@@ -29,6 +29,7 @@ from .._cli import CommandError, OneLineParser, check_device, load_split
 from ..info import cpu_name
 from ..losses import capsnet_loss
 from ..models import CapsNet
+from ..train import save_atomically
 
 _SEED_STRIDE = 1_000_003
 
@@ -67,12 +68,6 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     epoch, position = divmod(step, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, epoch, salt=4)))
     return order[position * batch_size:(position + 1) * batch_size]
-
-
-def _save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _load(path: Path, device) -> dict:
@@ -157,8 +152,8 @@ def train_run(
             log_file.flush()
             if best is None or accuracy > best["val_accuracy"]:
                 best = record
-                _save(dict(model=model.state_dict(), step=step, val_accuracy=accuracy), best_path)
-            _save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, history=history,
+                save_atomically(dict(model=model.state_dict(), step=step, val_accuracy=accuracy), best_path)
+            save_atomically(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, history=history,
                        seconds=seconds, config=config), state_path)
             reached = budget.target_accuracy is not None and accuracy >= budget.target_accuracy
             log(f"{run_dir.name}: step {step}/{budget.steps}, loss {record['loss']:.4f}, "
