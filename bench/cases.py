@@ -39,11 +39,15 @@ class Shape:
 PAPER = Shape(128, 1152, 8, 10, 16, 3)
 
 
-def sweep(device: str, fast: bool = False) -> List[Shape]:
-    """The paper's layer over batch sizes, then I, J and iterations varied one at a time (B = 32)."""
+def sweep(device: str, fast: bool = False, paper_layer_only: bool = False) -> List[Shape]:
+    """The paper's layer over batch sizes, then I, J and iterations varied one at a time (B = 32).
+
+    ``paper_layer_only``: the batch sizes alone (the cases the speed targets are set on)."""
     if fast:  # tiny shapes: keeps the benchmark code exercised in CI
         return [Shape(2, 16, 3, 4, 5, 2)]
     shapes = [dataclasses.replace(PAPER, B=B) for B in (1, 32, 128, 512)]
+    if paper_layer_only:
+        return shapes
     base = dataclasses.replace(PAPER, B=32)
     shapes += [dataclasses.replace(base, I=I) for I in (4608, 18432)]
     shapes += [dataclasses.replace(base, J=J) for J in (32, 64)]
