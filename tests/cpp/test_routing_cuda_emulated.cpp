@@ -213,9 +213,37 @@ bool run_case(const Case& c, uint64_t seed) {
   return ok;
 }
 
+// Two kernels with the bugs the emulation must catch, each run alone by its own ctest entry
+// that expects the program to fail: a shared-memory race (only ThreadSanitizer sees it: each
+// thread reads its neighbour's slot with no barrier after the neighbour's write), and a
+// barrier that only some threads reach (the emulation stops, where a GPU would hang).
+__global__ void planted_race_kernel(float* out) {
+  CAPSROUTING_DYNAMIC_SHARED(shared_bytes);
+  float* slots = reinterpret_cast<float*>(shared_bytes);
+  slots[threadIdx.x] = float(threadIdx.x);
+  out[threadIdx.x] = slots[(threadIdx.x + 1) % blockDim.x];  // the missing __syncthreads() is the bug
+}
+
+__global__ void divergent_barrier_kernel(float* out) {
+  if (threadIdx.x < 32) __syncthreads();  // the bug: threads 32.. never reach it
+  out[threadIdx.x] = 1.0f;
+}
+
+int run_planted_bug(const char* which) {
+  std::vector<float> out(64);
+  if (std::strcmp(which, "--planted-race") == 0)
+    cuda_emulation::launch(64, planted_race_kernel, dim3(1), 64 * sizeof(float), out.data());
+  else
+    cuda_emulation::launch(64, divergent_barrier_kernel, dim3(1), 0, out.data());
+  std::printf("the planted bug went unnoticed\n");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc > 1 && (std::strcmp(argv[1], "--planted-race") == 0 || std::strcmp(argv[1], "--divergent-barrier") == 0))
+    return run_planted_bug(argv[1]);
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
   // J = 64 with Dout = 32 fills the whole 2048-element tile, and with Din = 16 the input
   // gradient kernel splits Din over 16 blocks (one k each): the K-chunked path.
