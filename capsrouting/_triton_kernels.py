@@ -14,15 +14,19 @@ cast to it and stores cast back once.
 Kernels
 -------
 _routing_forward_kernel
-    grid (B, num_splits). num_splits == 1: one program per batch element runs all R
-    iterations with V in registers; one launch does the whole forward.
-    num_splits > 1 (small batches, where B programs would leave most of a GPU
-    idle): each program sums its slice of the input capsules for ONE
-    iteration into a partial s, and the launcher combines the slices (fixed
-    order, so deterministic) between iterations.
-    Tiling: BLOCK_I input capsules at a time; the tile of predictions is
-    (BLOCK_I, BLOCK_J, BLOCK_D) in registers, built by a loop over K.
-    Registers: the u_hat tile, V and s (BLOCK_J x BLOCK_D each).
+    grid (ceil(B / BLOCK_B), num_splits). A program owns a tile of BLOCK_B batch
+    elements, so every W tile it loads serves all of them: W is read
+    ceil(B / BLOCK_B) times per iteration instead of B times.
+    num_splits == 1: the program runs all R iterations with V in registers;
+    one launch does the whole forward. num_splits > 1 (few batch tiles, which
+    would leave most of a GPU idle): each program sums its slice of the input
+    capsules for ONE iteration into a partial s, and the launcher combines
+    the slices (fixed order, so deterministic) between iterations.
+    Tiling: BLOCK_I input capsules at a time; the predictions tile is
+    (BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D) in registers, built by a loop over K
+    from a (BLOCK_B, BLOCK_I) column of u and a (BLOCK_I, BLOCK_J, BLOCK_D)
+    slice of W per k.
+    Registers: the predictions tile, V and s (BLOCK_B x BLOCK_J x BLOCK_D each).
     Saved for backward: s(r) and V(r-1) for every r, (B, R, J, D) each.
 _routing_backward_reduce_kernel
     grid (B, num_splits), phase 1 of §3. For r = R..1 it turns the gradient of
@@ -148,18 +152,61 @@ def _squash_backward(s, g, EPS: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_s(
-    x_ptr, W_ptr, b, V, i_begin, i_end, j_offs, d_offs, I, J, D, K,
+def _batch_predictions_tile(
+    x_ptr, W_ptr, b_offs, b_valid, i0, i_end, j_offs, d_offs, I, J, D, K,
     HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    """sum over i in [i_begin, i_end) of c[i, j] u_hat[i, j] for logits dot(u_hat, V)."""
-    s = tl.zeros((j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
-    j_valid = (j_offs < J)[None, :]
+    """u_hat[b_offs, i0:i0+BLOCK_I, j_offs, d_offs] as a (BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D) tile.
+
+    Each W element is loaded once for the whole batch tile. Rows of padded or
+    out-of-range b, of i at or past i_end, and padded j, d are zero.
+    """
+    i_offs = i0 + tl.arange(0, BLOCK_I)
+    i_valid = i_offs < i_end
+    i3 = i_offs[:, None, None]
+    j3 = j_offs[None, :, None]
+    d3 = d_offs[None, None, :]
+    ijd_mask = (i3 < i_end) & (j3 < J) & (d3 < D)
+    if HAS_W:
+        acc = tl.zeros((b_offs.shape[0], BLOCK_I, j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
+        u_rows = x_ptr + (b_offs[:, None] * I + i_offs[None, :]) * K
+        bi_mask = b_valid[:, None] & i_valid[None, :]
+        w_row = W_ptr + ((i3 * J + j3) * D + d3) * K
+        for k in range(_loop_bound(K)):
+            u_k = tl.load(u_rows + k, mask=bi_mask, other=0.0).to(ACC)
+            w_k = tl.load(w_row + k, mask=ijd_mask, other=0.0).to(ACC)
+            acc += w_k[None, :, :, :] * u_k[:, :, None, None]
+        return acc
+    else:
+        b4 = b_offs[:, None, None, None]
+        offs = ((b4 * I + i3[None, :, :, :]) * J + j3[None, :, :, :]) * D + d3[None, :, :, :]
+        mask = b_valid[:, None, None, None] & ijd_mask[None, :, :, :]
+        return tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _batch_accumulate_s(
+    x_ptr, W_ptr, b_offs, b_valid, V, i_begin, i_end, j_offs, d_offs, I, J, D, K,
+    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """Per batch element of the tile, sum over i in [i_begin, i_end) of c[i, j] u_hat[i, j]."""
+    s = tl.zeros((b_offs.shape[0], j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
+    j_valid = (j_offs < J)[None, None, :]
     for i0 in range(_loop_bound(i_begin), _loop_bound(i_end), BLOCK_I):
-        u_hat = _predictions_tile(x_ptr, W_ptr, b, i0, i_end, j_offs, d_offs, I, J, D, K, HAS_W, ACC, BLOCK_I)
-        c = _coupling(tl.sum(u_hat * V[None, :, :], axis=2), j_valid)
-        s += tl.sum(c[:, :, None] * u_hat, axis=0)
+        u_hat = _batch_predictions_tile(x_ptr, W_ptr, b_offs, b_valid, i0, i_end, j_offs, d_offs, I, J, D, K,
+                                        HAS_W, ACC, BLOCK_I)
+        logits = tl.where(j_valid, tl.sum(u_hat * V[:, None, :, :], axis=3), float("-inf"))
+        e = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])  # softmax over j; padded j get zero
+        c = e / tl.sum(e, axis=2)[:, :, None]
+        s += tl.sum(c[:, :, :, None] * u_hat, axis=1)
     return s
+
+
+@triton.jit
+def _batch_squash(s, EPS: tl.constexpr):
+    """Squash each (b, j) row of s (BLOCK_B, BLOCK_J, BLOCK_D)."""
+    n2 = tl.sum(s * s, axis=2)[:, :, None]
+    return n2 / (1.0 + n2) * s / tl.sqrt(n2 + EPS)
 
 
 @triton.jit
@@ -169,35 +216,42 @@ def _routing_forward_kernel(
     v_ptr,        # out: v (B, J, D), input dtype (num_splits == 1 only)
     s_ptr,        # out: s(r) (B, R, J, D) in the compute dtype; partial s (B, num_splits, J, D) if num_splits > 1
     Vprev_ptr,    # out: V(r-1) (B, R, J, D) (num_splits == 1); in: V (B, J, D) for this iteration (num_splits > 1)
-    I, J, D, K, R,
-    num_splits,   # programs per batch element along grid axis 1
+    B, I, J, D, K, R,
+    num_splits,   # programs per batch tile along grid axis 1
     i_per_split,  # input capsules per program along grid axis 1
     HAS_W: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
+    b_offs = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_valid = b_offs < B
     ACC: tl.constexpr = s_ptr.dtype.element_ty
     j_offs, d_offs, jd_offs, jd_mask = _jd_block(J, D, BLOCK_J, BLOCK_D)
-    state = b * R * J * D  # start of this element's (R, J, D) block
+    bjd_mask = b_valid[:, None, None] & jd_mask[None, :, :]
+    b3 = b_offs[:, None, None]
+    jd3 = jd_offs[None, :, :]
 
     if num_splits == 1:
-        V = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
-        v = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
+        V = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
+        v = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
+        state = b3 * R * J * D + jd3  # each element's (R, J, D) block
         for r in range(_loop_bound(R)):
-            s = _accumulate_s(x_ptr, W_ptr, b, V, 0, I, j_offs, d_offs, I, J, D, K, HAS_W, ACC, BLOCK_I)
-            tl.store(s_ptr + state + r * J * D + jd_offs, s, mask=jd_mask)
-            tl.store(Vprev_ptr + state + r * J * D + jd_offs, V, mask=jd_mask)
-            v = _squash(s, SQUASH_EPS)
+            s = _batch_accumulate_s(x_ptr, W_ptr, b_offs, b_valid, V, 0, I, j_offs, d_offs, I, J, D, K,
+                                    HAS_W, ACC, BLOCK_I)
+            tl.store(s_ptr + state + r * J * D, s, mask=bjd_mask)
+            tl.store(Vprev_ptr + state + r * J * D, V, mask=bjd_mask)
+            v = _batch_squash(s, SQUASH_EPS)
             V += v
-        tl.store(v_ptr + b * J * D + jd_offs, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
+        tl.store(v_ptr + b3 * J * D + jd3, v.to(v_ptr.dtype.element_ty), mask=bjd_mask)
     else:
-        V = tl.load(Vprev_ptr + b * J * D + jd_offs, mask=jd_mask, other=0.0)
+        V = tl.load(Vprev_ptr + b3 * J * D + jd3, mask=bjd_mask, other=0.0)
         i_begin, i_end = _split_range(split, i_per_split, I)
-        s = _accumulate_s(x_ptr, W_ptr, b, V, i_begin, i_end, j_offs, d_offs, I, J, D, K, HAS_W, ACC, BLOCK_I)
-        tl.store(s_ptr + (b * num_splits + split) * J * D + jd_offs, s, mask=jd_mask)
+        s = _batch_accumulate_s(x_ptr, W_ptr, b_offs, b_valid, V, i_begin, i_end, j_offs, d_offs, I, J, D, K,
+                                HAS_W, ACC, BLOCK_I)
+        tl.store(s_ptr + (b3 * num_splits + split) * J * D + jd3, s, mask=bjd_mask)
 
 
 @triton.jit

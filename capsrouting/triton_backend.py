@@ -28,6 +28,8 @@ _DW_TILE_ELEMENTS = 2048
 # (each is compiled and checked for spills ahead of time); padded lanes are masked.
 _MIN_BLOCK_J, _MIN_BLOCK_D, _MIN_BLOCK_K = 16, 8, 4
 _MAX_BLOCK_I = 16
+# Batch elements per forward program: each W tile loaded serves all of them.
+_MAX_BLOCK_B = 8  # 16 spills on sm_90 (tests/triton_aot.py)
 # Batch chunks of the input-gradient kernel: each holds a partial dW, so keep them few.
 _MAX_BATCH_CHUNKS = 8
 _NUM_WARPS = 4
@@ -81,12 +83,14 @@ def _next_pow2(n: int) -> int:
 class LaunchConfig:
     """Compile-time block sizes for one problem shape (see the kernels' comment block)."""
 
-    BLOCK_I: int
+    BLOCK_I: int  # input capsules per tile of the backward kernels (one batch element each)
     BLOCK_J: int
     BLOCK_D: int
     BLOCK_K: int
     num_warps: int
     maxnreg: int
+    BLOCK_B: int = 1  # batch elements per forward program
+    FORWARD_BLOCK_I: int = 1  # input capsules per forward tile of BLOCK_B elements
 
     def compile_options(self) -> dict:
         if _interpreting():  # the interpreter takes no compiler options
@@ -112,7 +116,12 @@ def launch_config(J: int, D: int, K: int, element_size: int = 4) -> LaunchConfig
         # Triton 3.6 spreads a float64 tile's input capsules over warps, which replicates the J x D
         # state in each: at 4 warps, J x D = 16 x 32 spilled there (tests/triton_aot.py).
         num_warps = max(num_warps, 8)
-    return LaunchConfig(block_i, block_j, block_d, block_k, num_warps, min(_MAX_REGISTERS, 65536 // (32 * num_warps)))
+    # The forward's (BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D) tile: as many batch elements as the tile
+    # holds (they share every W load), then input capsules.
+    block_b = max(1, min(_MAX_BLOCK_B, _TILE_ELEMENTS // scale // (block_j * block_d)))
+    forward_block_i = max(1, min(_MAX_BLOCK_I, _TILE_ELEMENTS // scale // (block_b * block_j * block_d)))
+    return LaunchConfig(block_i, block_j, block_d, block_k, num_warps, min(_MAX_REGISTERS, 65536 // (32 * num_warps)),
+                        block_b, forward_block_i)
 
 
 def all_launch_configs():
@@ -142,6 +151,11 @@ def split_count(B: int, I: int, block_i: int, device: torch.device) -> int:
     return max(1, min(wanted, -(-I // (4 * block_i))))  # at least four tiles per slice
 
 
+def forward_split_count(B: int, I: int, cfg: LaunchConfig, device: torch.device) -> int:
+    """Slices of the input capsules per batch tile of the forward (its programs own BLOCK_B elements)."""
+    return split_count(-(-B // cfg.BLOCK_B), I, cfg.FORWARD_BLOCK_I, device)
+
+
 def batch_chunks(B: int, I: int, k_chunks: int, weights_per_pair: int, device: torch.device) -> int:
     """Batch chunks for the input-gradient kernel when I x K-chunks alone leave the device idle.
 
@@ -153,6 +167,40 @@ def batch_chunks(B: int, I: int, k_chunks: int, weights_per_pair: int, device: t
         return 1
     memory_cap = (B - 1) // weights_per_pair
     return max(1, min(memory_cap, _MAX_BATCH_CHUNKS, -(-_program_target(device) // programs)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+    """Global-memory bytes the kernels of one call load and store (masked-off lanes move nothing)."""
+
+    loaded: int
+    stored: int
+
+
+def forward_traffic(B: int, I: int, J: int, D: int, K: int, R: int, element_size: int, device: torch.device,
+                    splits: Optional[int] = None) -> Traffic:
+    """What ``routing_forward`` moves through its Triton launches (not the torch ops between them).
+
+    K = 0: ``route``, the predictions u_hat (B, I, J, D) given. A program loads each (b, i) of its
+    batch tile's u column once per iteration and per k, and each W element of its input capsules
+    once per iteration for its whole tile: W costs ceil(B / BLOCK_B) reads per iteration, u and
+    u_hat one each. Counted exactly against the interpreter in tests/test_triton_traffic.py.
+    """
+    cfg = launch_config(J, D, K, element_size)
+    acc_size = 8 if element_size == 8 else 4
+    tiles = -(-B // cfg.BLOCK_B)
+    if splits is None:
+        splits = forward_split_count(B, I, cfg, device)
+    if splits > 1:  # the launcher's rounding: every slice non-empty
+        splits = -(-I // -(-I // splits))
+    per_iteration = (B * I * K + I * J * D * K * tiles) if K else B * I * J * D
+    loaded = R * per_iteration * element_size
+    if splits == 1:  # one launch: s(r) and V(r-1) saved per iteration, v at the end
+        stored = 2 * R * B * J * D * acc_size + B * J * D * element_size
+    else:  # a launch per iteration: each slice loads its tile's V and stores a partial s
+        loaded += R * splits * B * J * D * acc_size
+        stored = R * splits * B * J * D * acc_size
+    return Traffic(loaded, stored)
 
 
 def _kernels():
@@ -188,13 +236,15 @@ def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: 
     Vprev_saved = torch.empty(B, R, J, D, device=x.device, dtype=acc)
     if B == 0:
         return v, s_saved, Vprev_saved
-    splits = splits or split_count(B, I, cfg.BLOCK_I, x.device)
+    batch_tiles = -(-B // cfg.BLOCK_B)
+    splits = splits or forward_split_count(B, I, cfg, x.device)
     W_arg = W if W is not None else x
     kernel = _kernels()._routing_forward_kernel
-    blocks = dict(HAS_W=W is not None, BLOCK_I=cfg.BLOCK_I, BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, **cfg.compile_options())
+    blocks = dict(HAS_W=W is not None, BLOCK_B=cfg.BLOCK_B, BLOCK_I=cfg.FORWARD_BLOCK_I, BLOCK_J=cfg.BLOCK_J,
+                  BLOCK_D=cfg.BLOCK_D, **cfg.compile_options())
     with _device_guard(x):
         if splits == 1:
-            kernel[(B, 1)](x, W_arg, v, s_saved, Vprev_saved, I, J, D, K, R, 1, I, **blocks)
+            kernel[(batch_tiles, 1)](x, W_arg, v, s_saved, Vprev_saved, B, I, J, D, K, R, 1, I, **blocks)
             return v, s_saved, Vprev_saved
         # Small batch: one launch per iteration over (B, splits) programs, slices combined in a fixed order.
         i_per_split = -(-I // splits)
@@ -202,7 +252,7 @@ def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: 
         partial = torch.empty(B, splits, J, D, device=x.device, dtype=acc)
         V = torch.zeros(B, J, D, device=x.device, dtype=acc)
         for r in range(R):
-            kernel[(B, splits)](x, W_arg, v, partial, V, I, J, D, K, R, splits, i_per_split, **blocks)
+            kernel[(batch_tiles, splits)](x, W_arg, v, partial, V, B, I, J, D, K, R, splits, i_per_split, **blocks)
             s = partial.sum(dim=1)
             s_saved[:, r] = s
             Vprev_saved[:, r] = V

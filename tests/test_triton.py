@@ -102,7 +102,8 @@ def test_small_batch_split_paths(monkeypatch, entry):
     monkeypatch.setattr(triton_backend, "_program_target", lambda device: 256)
     B, I, Din, J, Dout = 2, 150, 8, 10, 16
     cfg = triton_backend.launch_config(J, Dout, Din, element_size=8)
-    assert triton_backend.split_count(B, I, cfg.BLOCK_I, torch.device(DEVICE)) > 1
+    device = torch.device(DEVICE)
+    assert triton_backend.forward_split_count(B, I, cfg, device) > 1 and triton_backend.split_count(B, I, cfg.BLOCK_I, device) > 1
     assert_matches_reference("triton", B, I, Din, J, Dout, 3, dtype=torch.float64, device=DEVICE, entries=(entry,))
 
 
@@ -174,9 +175,10 @@ def test_never_allocates_B_I_J_elements(monkeypatch, small_batch_paths):
     # 256 programs wanted forces both small-batch paths; 1 (as under the interpreter) forces neither.
     monkeypatch.setattr(triton_backend, "_program_target", lambda device: 256 if small_batch_paths else 1)
     cfg = triton_backend.launch_config(J, Dout, Din, element_size=4)
-    paths = (triton_backend.split_count(B, I, cfg.BLOCK_I, device), triton_backend.batch_chunks(B, I, 1, Dout * Din, device))
+    paths = (triton_backend.forward_split_count(B, I, cfg, device), triton_backend.split_count(B, I, cfg.BLOCK_I, device),
+             triton_backend.batch_chunks(B, I, 1, Dout * Din, device))
     # Input capsules split across programs and dW summed over batch chunks, or neither.
-    assert (min(paths) > 1) if small_batch_paths else paths == (1, 1), paths
+    assert (min(paths) > 1) if small_batch_paths else paths == (1, 1, 1), paths
     u, W = make_inputs(B, I, Din, J, Dout, torch.float32, DEVICE, requires_grad=True)
     # The caller's predictions, made before measuring; contiguous (a strided u_hat is copied once).
     u_hat = reference.predictions(u, W).detach().contiguous().requires_grad_()

@@ -27,9 +27,9 @@ DTYPES = {"fp64": "fp64", "fp32": "fp32", "fp16": "fp32", "bf16": "fp32"}  # inp
 ELEMENT_SIZES = {"fp64": 8, "fp32": 4, "fp16": 2, "bf16": 2}
 
 # Per kernel: which pointer arguments hold the input dtype (the rest hold the compute dtype),
-# and which block sizes it takes.
+# and which block sizes it takes (a pair: the kernel's name for a LaunchConfig field).
 KERNELS = {
-    "_routing_forward_kernel": (("x_ptr", "W_ptr", "v_ptr"), ("BLOCK_I", "BLOCK_J", "BLOCK_D")),
+    "_routing_forward_kernel": (("x_ptr", "W_ptr", "v_ptr"), ("BLOCK_B", ("BLOCK_I", "FORWARD_BLOCK_I"), "BLOCK_J", "BLOCK_D")),
     "_routing_backward_reduce_kernel": (("x_ptr", "W_ptr", "grad_v_ptr"), ("BLOCK_I", "BLOCK_J", "BLOCK_D")),
     "_routing_backward_inputs_kernel": (("x_ptr", "W_ptr", "dx_ptr"), ("BLOCK_J", "BLOCK_D", "BLOCK_K")),
 }
@@ -41,7 +41,8 @@ def variants():
     seen = set()
     for cfg, has_w, element_size in all_launch_configs():
         for kernel, (_, block_names) in KERNELS.items():
-            blocks = tuple((name, getattr(cfg, name)) for name in block_names)
+            pairs = [(name, name) if isinstance(name, str) else name for name in block_names]
+            blocks = tuple((arg, getattr(cfg, field)) for arg, field in pairs)
             for dtype in (d for d, size in ELEMENT_SIZES.items() if size == element_size):
                 key = (kernel, has_w, blocks, (cfg.num_warps, cfg.maxnreg), dtype)
                 if key not in seen:
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
             bad += 1
             print(f"FAILED {r['kernel']} {r['arch']} {r['dtype']}: {r['error']}")
             continue
-        blocks = " ".join(f"{k}={r[k]}" for k in ("BLOCK_I", "BLOCK_J", "BLOCK_D", "BLOCK_K") if k in r)
+        blocks = " ".join(f"{k}={r[k]}" for k in ("BLOCK_B", "BLOCK_I", "BLOCK_J", "BLOCK_D", "BLOCK_K") if k in r)
         flag = "" if r["spill_bytes"] == 0 else f"  SPILLS {r['spill_bytes']} bytes"
         bad += r["spill_bytes"] != 0
         print(
