@@ -128,13 +128,6 @@ def _coupling(logits, j_valid):
 
 
 @triton.jit
-def _squash(s, EPS: tl.constexpr):
-    """Squash each row of s (BLOCK_J, BLOCK_D)."""
-    n2 = tl.sum(s * s, axis=1)[:, None]
-    return n2 / (1.0 + n2) * s / tl.sqrt(n2 + EPS)
-
-
-@triton.jit
 def _squash_backward(s, g, EPS: tl.constexpr):
     """Gradient wrt s of squash(s) given the gradient g of its output, row-wise.
 

@@ -151,6 +151,12 @@ def split_count(B: int, I: int, block_i: int, device: torch.device) -> int:
     return max(1, min(wanted, -(-I // (4 * block_i))))  # at least four tiles per slice
 
 
+def input_slices(I: int, splits: int) -> Tuple[int, int]:
+    """(input capsules per slice, slices) for about ``splits`` slices of I, none of them empty."""
+    i_per_split = -(-I // splits)
+    return i_per_split, -(-I // i_per_split)
+
+
 def forward_split_count(B: int, I: int, cfg: LaunchConfig, device: torch.device) -> int:
     """Slices of the input capsules per batch tile of the forward (its programs own BLOCK_B elements)."""
     return split_count(-(-B // cfg.BLOCK_B), I, cfg.FORWARD_BLOCK_I, device)
@@ -191,8 +197,8 @@ def forward_traffic(B: int, I: int, J: int, D: int, K: int, R: int, element_size
     tiles = -(-B // cfg.BLOCK_B)
     if splits is None:
         splits = forward_split_count(B, I, cfg, device)
-    if splits > 1:  # the launcher's rounding: every slice non-empty
-        splits = -(-I // -(-I // splits))
+    if splits > 1:  # as the launcher rounds them
+        splits = input_slices(I, splits)[1]
     per_iteration = (B * I * K + I * J * D * K * tiles) if K else B * I * J * D
     loaded = R * per_iteration * element_size
     if splits == 1:  # one launch: s(r) and V(r-1) saved per iteration, v at the end
@@ -247,8 +253,7 @@ def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: 
             kernel[(batch_tiles, 1)](x, W_arg, v, s_saved, Vprev_saved, B, I, J, D, K, R, 1, I, **blocks)
             return v, s_saved, Vprev_saved
         # Small batch: one launch per iteration over (B, splits) programs, slices combined in a fixed order.
-        i_per_split = -(-I // splits)
-        splits = -(-I // i_per_split)
+        i_per_split, splits = input_slices(I, splits)
         partial = torch.empty(B, splits, J, D, device=x.device, dtype=acc)
         V = torch.zeros(B, J, D, device=x.device, dtype=acc)
         for r in range(R):
@@ -286,8 +291,7 @@ def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, sp
                 x, W_arg, grad_v, s_saved, Vprev_saved, gs_saved, gs_saved, I, J, D, K, R, 0, 1, I, **blocks
             )
         else:
-            i_per_split = -(-I // splits)
-            splits = -(-I // i_per_split)
+            i_per_split, splits = input_slices(I, splits)
             partial = torch.empty(B, splits, J, D, device=x.device, dtype=acc)
             g_v = grad_v.to(acc)
             A_suffix = torch.zeros_like(g_v)
