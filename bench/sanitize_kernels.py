@@ -50,7 +50,7 @@ class Case:
 
 def cases(device: torch.device) -> list:
     # The Triton forward splits the input capsules over several programs per batch tile until
-    # the batch tiles alone give 4 programs per SM (triton_backend.forward_split_count):
+    # the batch tiles alone give 4 programs per SM (triton_backend.launch_plan):
     # "one-launch" takes that many tiles of batch elements, so that its single-launch path runs too.
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     tile = triton_backend.launch_config(10, 16, 8, 4).BLOCK_B
@@ -72,14 +72,10 @@ def cases(device: torch.device) -> list:
 def triton_paths(case: Case, device: torch.device, with_weights: bool) -> dict:
     """How the Triton launchers split this case: input-capsule slices and weight-gradient chunks."""
     element_size = torch.empty(0, dtype=case.dtype).element_size()
-    cfg = triton_backend.launch_config(case.J, case.Dout, case.Din if with_weights else 0, element_size)
-    splits = triton_backend.forward_split_count(case.B, case.I, cfg, device)
-    reduce_splits = triton_backend.split_count(case.B, case.I, cfg.BLOCK_I, device)
-    chunks = 1
-    if with_weights:
-        k_chunks = -(-case.Din // cfg.BLOCK_K)
-        chunks = triton_backend.batch_chunks(case.B, case.I, k_chunks, case.Dout * case.Din, device)
-    return dict(splits=splits, reduce_splits=reduce_splits, chunks=chunks)
+    Din = case.Din if with_weights else 0
+    plan = triton_backend.launch_plan(case.B, case.I, case.J, case.Dout, Din, element_size,
+                                      triton_backend._program_target(device))
+    return dict(splits=max(plan.splits, plan.reduce_splits), chunks=plan.chunks)
 
 
 def relative_error(got: torch.Tensor, want64: torch.Tensor) -> float:
@@ -151,7 +147,7 @@ def main(argv=None) -> int:
                 if backend == "triton":
                     p = triton_paths(case, device, entry == "capsule_routing")
                     seen_paths.add(("splits>1" if p["splits"] > 1 else "splits=1", "chunks>1" if p["chunks"] > 1 else "chunks=1"))
-                    paths = f" [forward splits {p['splits']}, backward splits {p['reduce_splits']}, dW chunks {p['chunks']}]"
+                    paths = f" [input-capsule splits {p['splits']}, dW chunks {p['chunks']}]"
                 print(f"{backend} {entry:15s} {case.name:16s} ({case.label}; {case.why}){paths}", flush=True)
                 try:
                     ok, line = run_case(backend, entry, case, device)

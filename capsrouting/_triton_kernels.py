@@ -25,30 +25,43 @@ _routing_forward_kernel
     Tiling: BLOCK_I input capsules at a time; the predictions tile is
     (BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D) in registers, built by a loop over K
     from a (BLOCK_B, BLOCK_I) column of u and a (BLOCK_I, BLOCK_J, BLOCK_D)
-    slice of W per k.
-    Registers: the predictions tile, V and s (BLOCK_B x BLOCK_J x BLOCK_D each).
+    slice of W per k (plain FMAs: Din is too small for tl.dot's minimum of 16).
+    Registers: the predictions tile, V, s and v (BLOCK_B x BLOCK_J x BLOCK_D each).
     Saved for backward: s(r) and V(r-1) for every r, (B, R, J, D) each.
 _routing_backward_reduce_kernel
-    grid (B, num_splits), phase 1 of §3. For r = R..1 it turns the gradient of
-    v(r) into g_s(r) (squash backward, stored for phase 2) and, for r >= 2,
-    reduces A(r) = sum_i g_b(r)[i, j] u_hat[i, j] over the input capsules, the
-    gradient that flows into V(r-1). Split like the forward for small batches
-    (then one launch per iteration and the launcher combines partial A).
+    grid (ceil(B / BLOCK_B), num_splits), phase 1 of §3, tiled like the
+    forward (with a smaller BLOCK_B: it holds more state). For r = R..1 it turns the gradient G reaching v(r) into g_s(r)
+    (squash backward, stored for phase 2) and, for r >= 2, adds
+    A(r) = sum_i g_b(r)[i, j] u_hat[i, j], the gradient that flows into
+    V(r-1), to G. Registers: the predictions tile, G, V(r-1), g_s(r).
+    Split like the forward for small batches (then one launch per iteration
+    and the launcher combines partial A).
 _routing_backward_inputs_kernel
-    grid (I, K chunks, batch chunks), phase 2 of §3. One program owns one
-    input capsule i (and a chunk of K), loops over its batch chunk, rebuilds
-    u_hat[b, i] (BLOCK_J x BLOCK_D), sums the R terms of du_hat, and writes
-    du[b, i] (or du_hat[b, i] for ``route``). The dW[i] tile
-    (BLOCK_J x BLOCK_D x BLOCK_K) is accumulated in registers across the
-    batch and stored once: no atomics, the same bits every run. With several
-    batch chunks each writes its own partial dW, summed in a fixed order.
+    grid (ceil(I / BLOCK_I), K chunks, batch chunks), phase 2 of §3. A program
+    owns BLOCK_I input capsules (and a chunk of BLOCK_K of Din) and loops over
+    its batch chunk: per element it loads V(r-1) and g_s(r) once for the
+    whole capsule tile, rebuilds u_hat[b, tile] (from the W tile it holds in
+    registers when one chunk covers Din, W_IN_REGISTERS; else from memory),
+    sums the R terms of du_hat, and writes du[b, tile] (du_hat for ``route``).
+    The dW tile (BLOCK_I x BLOCK_J x BLOCK_D x BLOCK_K) is accumulated in
+    registers across the batch and stored once: no atomics, the same bits
+    every run. With several batch chunks each writes its own partial dW,
+    summed in a fixed order. Registers: the W and dW tiles, u_hat and du_hat.
+
+Memory traffic per launch (bytes loaded and stored, from the shapes and these
+tilings) is modelled by ``triton_backend.forward_traffic`` and
+``backward_traffic``; tests/test_triton_traffic.py checks the model against
+every load and store counted under the interpreter. At the paper's layer and
+B = 128 on a 132-SM GPU the forward loads 0.23 x B|W| bytes and forward +
+backward 0.71 x B|W| (``python -m bench.traffic``).
 
 Block sizes and warps come from ``triton_backend.launch_config``: J and D are
-padded to powers of two (at least 16 and 8, so few variants exist), tiles hold
-about 2048 elements (1024 in float64), 4 warps, more when J x D is large, and
-ptxas may use every register a program can have. ``tests/triton_aot.py``
-compiles every variant for sm_80 and sm_90 and checks that none spills (in CI
-with the current Triton, and for sm_90 with Triton 3.6, the oldest supported).
+padded to powers of two (at least 16 and 8, so few variants exist); each
+(BLOCK_B, BLOCK_J, BLOCK_D) state takes about 8 registers per thread and the
+W tile of phase 2 about 16, the warps (4 to 16; at most 8 for phase 1)
+growing with the tile; ptxas may use every register a program can have. ``tests/triton_aot.py`` compiles
+every variant for sm_80 and sm_90 and checks that none spills (in CI with the
+current Triton, and for sm_90 with Triton 3.6, the oldest supported).
 """
 import triton
 import triton.language as tl
@@ -71,37 +84,6 @@ def _loop_bound(n):
 
 
 @triton.jit
-def _predictions_tile(
-    x_ptr, W_ptr, b, i0, i_end, j_offs, d_offs, I, J, D, K,
-    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
-):
-    """u_hat[b, i0:i0+BLOCK_I, j_offs, d_offs] as a (BLOCK_I, BLOCK_J, BLOCK_D) tile.
-
-    Rows at or past i_end (<= I; another program's slice) and padded j, d are zero,
-    so they add nothing to any sum over the tile.
-    """
-    i_offs = i0 + tl.arange(0, BLOCK_I)
-    i3 = i_offs[:, None, None]
-    j3 = j_offs[None, :, None]
-    d3 = d_offs[None, None, :]
-    mask = (i3 < i_end) & (j3 < J) & (d3 < D)
-    if HAS_W:
-        # x is u (B, I, K); W is (I, J, D, K): one matrix-vector product per (i, j).
-        acc = tl.zeros((BLOCK_I, j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
-        u_row = x_ptr + (b * I + i_offs) * K
-        w_row = W_ptr + ((i3 * J + j3) * D + d3) * K
-        for k in range(_loop_bound(K)):
-            u_k = tl.load(u_row + k, mask=i_offs < i_end, other=0.0).to(ACC)
-            w_k = tl.load(w_row + k, mask=mask, other=0.0).to(ACC)
-            acc += w_k * u_k[:, None, None]
-        return acc
-    else:
-        # x is u_hat (B, I, J, D).
-        offs = ((b * I + i3) * J + j3) * D + d3
-        return tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-
-
-@triton.jit
 def _jd_block(J, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """Offsets and mask of a (BLOCK_J, BLOCK_D) block over a contiguous J x D state."""
     j_offs = tl.arange(0, BLOCK_J)
@@ -116,32 +98,6 @@ def _split_range(split, i_per_split, I):
     """The input capsules [i_begin, i_end) of program `split` along grid axis 1."""
     i_begin = split * i_per_split
     return i_begin, tl.minimum(i_begin + i_per_split, I)
-
-
-@triton.jit
-def _coupling(logits, j_valid):
-    """Softmax over the output capsules (axis 1); padded j get zero."""
-    logits = tl.where(j_valid, logits, float("-inf"))
-    m = tl.max(logits, axis=1)
-    e = tl.exp(logits - m[:, None])
-    return e / tl.sum(e, axis=1)[:, None]
-
-
-@triton.jit
-def _squash_backward(s, g, EPS: tl.constexpr):
-    """Gradient wrt s of squash(s) given the gradient g of its output, row-wise.
-
-    squash(s) = f(x) s with x = |s|^2, f = x / ((1 + x) sqrt(x + eps)), so
-    g_s = f g + 2 f'(x) (s . g) s with
-    f'(x) = ((x + eps) - x (1 + x) / 2) / ((1 + x)^2 (x + eps)^(3/2)),
-    finite at s = 0.
-    """
-    x = tl.sum(s * s, axis=1)[:, None]
-    sg = tl.sum(s * g, axis=1)[:, None]
-    root = tl.sqrt(x + EPS)
-    f = x / ((1.0 + x) * root)
-    df = ((x + EPS) - 0.5 * x * (1.0 + x)) / ((1.0 + x) * (1.0 + x) * (x + EPS) * root)
-    return f * g + 2.0 * df * sg * s
 
 
 @triton.jit
@@ -178,6 +134,24 @@ def _batch_predictions_tile(
 
 
 @triton.jit
+def _batch_coupling(u_hat, V, j_valid):
+    """c[b, i, :] = softmax over j of u_hat[b, i, j] . V[b, j] for a (BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D) tile.
+
+    Padded j get zero.
+    """
+    logits = tl.where(j_valid, tl.sum(u_hat * V[:, None, :, :], axis=3), float("-inf"))
+    e = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
+    return e / tl.sum(e, axis=2)[:, :, None]
+
+
+@triton.jit
+def _batch_logit_grad(u_hat, c, gs):
+    """g_b = c (g_c - sum_j c g_c) with g_c[b, i, j] = u_hat[b, i, j] . g_s[b, j] (DESIGN.md §3)."""
+    g_c = tl.sum(u_hat * gs[:, None, :, :], axis=3)
+    return c * (g_c - tl.sum(c * g_c, axis=2)[:, :, None])
+
+
+@triton.jit
 def _batch_accumulate_s(
     x_ptr, W_ptr, b_offs, b_valid, V, i_begin, i_end, j_offs, d_offs, I, J, D, K,
     HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
@@ -188,11 +162,24 @@ def _batch_accumulate_s(
     for i0 in range(_loop_bound(i_begin), _loop_bound(i_end), BLOCK_I):
         u_hat = _batch_predictions_tile(x_ptr, W_ptr, b_offs, b_valid, i0, i_end, j_offs, d_offs, I, J, D, K,
                                         HAS_W, ACC, BLOCK_I)
-        logits = tl.where(j_valid, tl.sum(u_hat * V[:, None, :, :], axis=3), float("-inf"))
-        e = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])  # softmax over j; padded j get zero
-        c = e / tl.sum(e, axis=2)[:, :, None]
+        c = _batch_coupling(u_hat, V, j_valid)
         s += tl.sum(c[:, :, :, None] * u_hat, axis=1)
     return s
+
+
+@triton.jit
+def _batch_agreement_grad(
+    x_ptr, W_ptr, b_offs, b_valid, Vp, gs, A, i_begin, i_end, j_offs, d_offs, I, J, D, K,
+    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """A plus, per batch element of the tile, sum over i in [i_begin, i_end) of g_b[i, j] u_hat[i, j] (§3)."""
+    j_valid = (j_offs < J)[None, None, :]
+    for i0 in range(_loop_bound(i_begin), _loop_bound(i_end), BLOCK_I):
+        u_hat = _batch_predictions_tile(x_ptr, W_ptr, b_offs, b_valid, i0, i_end, j_offs, d_offs, I, J, D, K,
+                                        HAS_W, ACC, BLOCK_I)
+        g_b = _batch_logit_grad(u_hat, _batch_coupling(u_hat, Vp, j_valid), gs)
+        A += tl.sum(g_b[:, :, :, None] * u_hat, axis=1)
+    return A
 
 
 @triton.jit
@@ -200,6 +187,33 @@ def _batch_squash(s, EPS: tl.constexpr):
     """Squash each (b, j) row of s (BLOCK_B, BLOCK_J, BLOCK_D)."""
     n2 = tl.sum(s * s, axis=2)[:, :, None]
     return n2 / (1.0 + n2) * s / tl.sqrt(n2 + EPS)
+
+
+@triton.jit
+def _batch_squash_backward(s, g, EPS: tl.constexpr):
+    """Gradient wrt s of squash(s) given the gradient g of its output, per (b, j) row.
+
+    squash(s) = f(x) s with x = |s|^2, f = x / ((1 + x) sqrt(x + eps)), so
+    g_s = f g + 2 f'(x) (s . g) s with
+    f'(x) = ((x + eps) - x (1 + x) / 2) / ((1 + x)^2 (x + eps)^(3/2)),
+    finite at s = 0.
+    """
+    x = tl.sum(s * s, axis=2)[:, :, None]
+    sg = tl.sum(s * g, axis=2)[:, :, None]
+    root = tl.sqrt(x + EPS)
+    f = x / ((1.0 + x) * root)
+    df = ((x + EPS) - 0.5 * x * (1.0 + x)) / ((1.0 + x) * (1.0 + x) * (x + EPS) * root)
+    return f * g + 2.0 * df * sg * s
+
+
+@triton.jit
+def _batch_tile(B, J, D, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's batch tile: offsets, validity, and (b, j, d) offsets and mask into a (B, J, D) state."""
+    b_offs = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_valid = b_offs < B
+    j_offs, d_offs, jd_offs, jd_mask = _jd_block(J, D, BLOCK_J, BLOCK_D)
+    bjd_mask = b_valid[:, None, None] & jd_mask[None, :, :]
+    return b_offs, b_valid, j_offs, d_offs, b_offs[:, None, None], jd_offs[None, :, :], bjd_mask
 
 
 @triton.jit
@@ -219,13 +233,8 @@ def _routing_forward_kernel(
     BLOCK_D: tl.constexpr,
 ):
     split = tl.program_id(1).to(tl.int64)
-    b_offs = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_valid = b_offs < B
     ACC: tl.constexpr = s_ptr.dtype.element_ty
-    j_offs, d_offs, jd_offs, jd_mask = _jd_block(J, D, BLOCK_J, BLOCK_D)
-    bjd_mask = b_valid[:, None, None] & jd_mask[None, :, :]
-    b3 = b_offs[:, None, None]
-    jd3 = jd_offs[None, :, :]
+    b_offs, b_valid, j_offs, d_offs, b3, jd3, bjd_mask = _batch_tile(B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
 
     if num_splits == 1:
         V = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
@@ -248,23 +257,6 @@ def _routing_forward_kernel(
 
 
 @triton.jit
-def _accumulate_agreement_grad(
-    x_ptr, W_ptr, b, Vp, gs, i_begin, i_end, j_offs, d_offs, I, J, D, K,
-    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
-):
-    """A = sum over i in [i_begin, i_end) of g_b[i, j] u_hat[i, j] (DESIGN.md §3)."""
-    A = tl.zeros((j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
-    j_valid = (j_offs < J)[None, :]
-    for i0 in range(_loop_bound(i_begin), _loop_bound(i_end), BLOCK_I):
-        u_hat = _predictions_tile(x_ptr, W_ptr, b, i0, i_end, j_offs, d_offs, I, J, D, K, HAS_W, ACC, BLOCK_I)
-        c = _coupling(tl.sum(u_hat * Vp[None, :, :], axis=2), j_valid)
-        g_c = tl.sum(u_hat * gs[None, :, :], axis=2)
-        g_b = c * (g_c - tl.sum(c * g_c, axis=1)[:, None])
-        A += tl.sum(g_b[:, :, None] * u_hat, axis=0)
-    return A
-
-
-@triton.jit
 def _routing_backward_reduce_kernel(
     x_ptr,        # u (B, I, K) if HAS_W else u_hat (B, I, J, D)
     W_ptr,        # W (I, J, D, K); ignored unless HAS_W
@@ -273,42 +265,43 @@ def _routing_backward_reduce_kernel(
     Vprev_ptr,    # in: V(r-1) (B, R, J, D) from the forward
     gs_ptr,       # out: g_s(r) (B, R, J, D) (num_splits == 1); in: g_s(r) for iteration `r_only` (num_splits > 1)
     A_ptr,        # out: partial A(r_only) (B, num_splits, J, D) (num_splits > 1 only)
-    I, J, D, K, R,
+    B, I, J, D, K, R,
     r_only,       # the one iteration this launch reduces (num_splits > 1)
     num_splits,
     i_per_split,
     HAS_W: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     ACC: tl.constexpr = s_ptr.dtype.element_ty
-    j_offs, d_offs, jd_offs, jd_mask = _jd_block(J, D, BLOCK_J, BLOCK_D)
-    state = b * R * J * D
+    b_offs, b_valid, j_offs, d_offs, b3, jd3, bjd_mask = _batch_tile(B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
+    state = b3 * R * J * D + jd3
 
     if num_splits == 1:
-        # Gradient reaching v(r): g_v for r = R, plus A(r') of every later iteration r' (they read V(r'-1)).
-        g_top = tl.load(grad_v_ptr + b * J * D + jd_offs, mask=jd_mask, other=0.0).to(ACC)
-        A_suffix = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
+        # G: the gradient reaching v(r). For r = R it is dL/dv; below, the A(r') of every later
+        # iteration r' (which read V(r'-1), a sum that holds v(r)).
+        G = tl.load(grad_v_ptr + b3 * J * D + jd3, mask=bjd_mask, other=0.0).to(ACC)
         for rr in range(_loop_bound(R)):
             r = R - 1 - rr
-            s = tl.load(s_ptr + state + r * J * D + jd_offs, mask=jd_mask, other=0.0)
-            gs = _squash_backward(s, A_suffix + g_top, SQUASH_EPS)
-            g_top = g_top * 0.0
-            tl.store(gs_ptr + state + r * J * D + jd_offs, gs, mask=jd_mask)
+            s = tl.load(s_ptr + state + r * J * D, mask=bjd_mask, other=0.0)
+            gs = _batch_squash_backward(s, G, SQUASH_EPS)
+            tl.store(gs_ptr + state + r * J * D, gs, mask=bjd_mask)
             if r > 0:
-                Vp = tl.load(Vprev_ptr + state + r * J * D + jd_offs, mask=jd_mask, other=0.0)
-                A_suffix += _accumulate_agreement_grad(x_ptr, W_ptr, b, Vp, gs, 0, I, j_offs, d_offs,
-                                                       I, J, D, K, HAS_W, ACC, BLOCK_I)
+                G = tl.where(rr > 0, G, 0.0)  # dL/dv reaches only v(R)
+                Vp = tl.load(Vprev_ptr + state + r * J * D, mask=bjd_mask, other=0.0)
+                G = _batch_agreement_grad(x_ptr, W_ptr, b_offs, b_valid, Vp, gs, G, 0, I, j_offs, d_offs,
+                                          I, J, D, K, HAS_W, ACC, BLOCK_I)
     else:
-        Vp = tl.load(Vprev_ptr + state + r_only * J * D + jd_offs, mask=jd_mask, other=0.0)
-        gs = tl.load(gs_ptr + state + r_only * J * D + jd_offs, mask=jd_mask, other=0.0)
+        Vp = tl.load(Vprev_ptr + state + r_only * J * D, mask=bjd_mask, other=0.0)
+        gs = tl.load(gs_ptr + state + r_only * J * D, mask=bjd_mask, other=0.0)
         i_begin, i_end = _split_range(split, i_per_split, I)
-        A = _accumulate_agreement_grad(x_ptr, W_ptr, b, Vp, gs, i_begin, i_end, j_offs, d_offs,
-                                       I, J, D, K, HAS_W, ACC, BLOCK_I)
-        tl.store(A_ptr + (b * num_splits + split) * J * D + jd_offs, A, mask=jd_mask)
+        A = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
+        A = _batch_agreement_grad(x_ptr, W_ptr, b_offs, b_valid, Vp, gs, A, i_begin, i_end, j_offs, d_offs,
+                                  I, J, D, K, HAS_W, ACC, BLOCK_I)
+        tl.store(A_ptr + (b3 * num_splits + split) * J * D + jd3, A, mask=bjd_mask)
 
 
 @triton.jit
@@ -322,44 +315,58 @@ def _routing_backward_inputs_kernel(
     B, I, J, D, K, R,
     b_per_chunk,  # batch elements per program along grid axis 2
     HAS_W: tl.constexpr,
+    BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    W_IN_REGISTERS: tl.constexpr,  # HAS_W and BLOCK_K >= K: the predictions come from the W tile held for du
 ):
-    i = tl.program_id(0).to(tl.int64)
+    i0 = tl.program_id(0).to(tl.int64) * BLOCK_I
     k_chunk = tl.program_id(1).to(tl.int64)
     b_chunk = tl.program_id(2).to(tl.int64)
     ACC: tl.constexpr = Vprev_ptr.dtype.element_ty
     j_offs, d_offs, jd_offs, jd_mask = _jd_block(J, D, BLOCK_J, BLOCK_D)
+    j_valid = (j_offs < J)[None, None, :]
+    i_offs = i0 + tl.arange(0, BLOCK_I)
+    i_valid = i_offs < I
     k_offs = k_chunk * BLOCK_K + tl.arange(0, BLOCK_K)
-    j_valid = j_offs < J
-    k_mask = k_offs < K
-    jdk_offs = ((i * J + j_offs[:, None, None]) * D + d_offs[None, :, None]) * K + k_offs[None, None, :]
-    jdk_mask = jd_mask[:, :, None] & k_mask[None, None, :]
+    ik_mask = i_valid[:, None] & (k_offs < K)[None, :]
+    ijdk_offs = (((i_offs[:, None, None, None] * J + j_offs[None, :, None, None]) * D + d_offs[None, None, :, None]) * K
+                 + k_offs[None, None, None, :])
+    ijdk_mask = ik_mask[:, None, None, :] & jd_mask[None, :, :, None]
+    ijd_mask = i_valid[:, None, None] & jd_mask[None, :, :]
     if HAS_W:
-        W_chunk = tl.load(W_ptr + jdk_offs, mask=jdk_mask, other=0.0).to(ACC)
-        dW = tl.zeros((BLOCK_J, BLOCK_D, BLOCK_K), dtype=ACC)
+        W_tile = tl.load(W_ptr + ijdk_offs, mask=ijdk_mask, other=0.0).to(ACC)
+        dW = tl.zeros((BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_K), dtype=ACC)
 
     b_begin = b_chunk * b_per_chunk
     b_end = tl.minimum(b_begin + b_per_chunk, B)
     for b in range(_loop_bound(b_begin), _loop_bound(b_end)):
-        # The one input capsule i as a BLOCK_I = 1 tile, squeezed to (BLOCK_J, BLOCK_D).
-        u_hat = tl.sum(_predictions_tile(x_ptr, W_ptr, b, i, i + 1, j_offs, d_offs, I, J, D, K, HAS_W, ACC, 1), axis=0)
-        du_hat = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
+        # The tile of one batch element, as a BLOCK_B = 1 tile: (1, BLOCK_I, BLOCK_J, BLOCK_D).
+        b_offs = b + tl.arange(0, 1).to(tl.int64)
+        if HAS_W:
+            u_b = tl.load(x_ptr + (b * I + i_offs[:, None]) * K + k_offs[None, :], mask=ik_mask, other=0.0).to(ACC)
+        if W_IN_REGISTERS:
+            u_hat = tl.sum(W_tile * u_b[:, None, None, :], axis=3)[None, :, :, :]
+        else:
+            u_hat = _batch_predictions_tile(x_ptr, W_ptr, b_offs, b_offs < B, i0, I, j_offs, d_offs, I, J, D, K,
+                                            HAS_W, ACC, BLOCK_I)
+        du_hat = tl.zeros((1, BLOCK_I, BLOCK_J, BLOCK_D), dtype=ACC)
         state = b * R * J * D
         for r in range(_loop_bound(R)):
-            Vp = tl.load(Vprev_ptr + state + r * J * D + jd_offs, mask=jd_mask, other=0.0)
-            gs = tl.load(gs_ptr + state + r * J * D + jd_offs, mask=jd_mask, other=0.0)
-            c = tl.sum(_coupling(tl.sum(u_hat * Vp, axis=1)[None, :], j_valid[None, :]), axis=0)
-            g_c = tl.sum(u_hat * gs, axis=1)
-            g_b = c * (g_c - tl.sum(c * g_c, axis=0))
-            du_hat += c[:, None] * gs + g_b[:, None] * Vp
+            Vp = tl.load(Vprev_ptr + state + r * J * D + jd_offs, mask=jd_mask, other=0.0)[None, :, :]
+            gs = tl.load(gs_ptr + state + r * J * D + jd_offs, mask=jd_mask, other=0.0)[None, :, :]
+            c = _batch_coupling(u_hat, Vp, j_valid)
+            g_b = _batch_logit_grad(u_hat, c, gs)
+            du_hat += c[:, :, :, None] * gs[:, None, :, :] + g_b[:, :, :, None] * Vp[:, None, :, :]
+        du_hat_b = tl.sum(du_hat, axis=0)  # (BLOCK_I, BLOCK_J, BLOCK_D)
         if HAS_W:
-            u_b = tl.load(x_ptr + (b * I + i) * K + k_offs, mask=k_mask, other=0.0).to(ACC)
-            dW += du_hat[:, :, None] * u_b[None, None, :]
-            du_b = tl.sum(tl.sum(W_chunk * du_hat[:, :, None], axis=0), axis=0)
-            tl.store(dx_ptr + (b * I + i) * K + k_offs, du_b.to(dx_ptr.dtype.element_ty), mask=k_mask)
+            dW += du_hat_b[:, :, :, None] * u_b[:, None, None, :]
+            du_b = tl.sum(tl.sum(W_tile * du_hat_b[:, :, :, None], axis=2), axis=1)
+            tl.store(dx_ptr + (b * I + i_offs[:, None]) * K + k_offs[None, :], du_b.to(dx_ptr.dtype.element_ty),
+                     mask=ik_mask)
         else:
-            tl.store(dx_ptr + ((b * I + i) * J) * D + jd_offs, du_hat.to(dx_ptr.dtype.element_ty), mask=jd_mask)
+            offs = (b * I + i_offs[:, None, None]) * J * D + jd_offs[None, :, :]
+            tl.store(dx_ptr + offs, du_hat_b.to(dx_ptr.dtype.element_ty), mask=ijd_mask)
     if HAS_W:
-        tl.store(dW_ptr + b_chunk * I * J * D * K + jdk_offs, dW, mask=jdk_mask)
+        tl.store(dW_ptr + b_chunk * I * J * D * K + ijdk_offs, dW, mask=ijdk_mask)

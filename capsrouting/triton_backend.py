@@ -20,19 +20,28 @@ from .reference import SQUASH_EPS, squash
 
 # Largest sizes the kernels are compiled and tested for.
 MAX_J, MAX_DOUT, MAX_DIN = 64, 32, 16
-# Elements of the (BLOCK_I, BLOCK_J, BLOCK_D) predictions tile: bounds registers per program.
-_TILE_ELEMENTS = 2048
-# Elements of the (BLOCK_J, BLOCK_D, BLOCK_K) dW tile of the input-gradient kernel.
-_DW_TILE_ELEMENTS = 2048
+# Registers per thread that one (BLOCK_B, BLOCK_J, BLOCK_D) state tensor (V, s, g_s, ...) or the
+# predictions tile of the batch-tile kernels may take: they hold four to six such tensors plus
+# pointers and masks, and ptxas needs about 15 registers per such unit (tests/triton_aot.py).
+_STATE_REGISTERS = 8
+# Registers per thread for the W tile of the input-gradient kernel (its dW tile takes as many).
+_INPUTS_TILE_REGISTERS = 16
 # Smallest blocks: small capsule sizes are padded up so that few kernel variants exist
 # (each is compiled and checked for spills ahead of time); padded lanes are masked.
 _MIN_BLOCK_J, _MIN_BLOCK_D, _MIN_BLOCK_K = 16, 8, 4
 _MAX_BLOCK_I = 16
-# Batch elements per forward program: each W tile loaded serves all of them.
-_MAX_BLOCK_B = 8  # 16 spills on sm_90 (tests/triton_aot.py)
+# Batch elements per program of the forward and backward phase 1: each W tile loaded serves all.
+_MAX_BLOCK_B = 16
+# Warps of every kernel but the forward at small J x Dout: at 16 warps the 128 registers a thread
+# may then have are too few for the rest (they spill, tests/triton_aot.py).
+_MAX_WARPS_MOST = 8
+# The forward fits 16 warps while one element's padded J x Dout state takes at most this many registers.
+_FORWARD_16_WARPS_MAX_JD = 512
 # Batch chunks of the input-gradient kernel: each holds a partial dW, so keep them few.
 _MAX_BATCH_CHUNKS = 8
-_NUM_WARPS = 4
+_MIN_WARPS, _MAX_WARPS = 4, 16
+# Programs wanted in flight per SM, so that one waiting on memory leaves others to run.
+_PROGRAMS_PER_SM = 4
 # Let ptxas use up to the hardware limit: left alone, it caps registers for occupancy and spills.
 _MAX_REGISTERS = 255
 
@@ -79,49 +88,79 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _clamp(x: int, low: int, high: int) -> int:
+    return max(low, min(high, x))
+
+
+def _register_cap(num_warps: int) -> int:
+    """Registers a thread may use so that one program of num_warps warps fits an SM's 64K."""
+    return min(_MAX_REGISTERS, 65536 // (32 * num_warps))
+
+
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
     """Compile-time block sizes for one problem shape (see the kernels' comment block)."""
 
-    BLOCK_I: int  # input capsules per tile of the backward kernels (one batch element each)
     BLOCK_J: int
     BLOCK_D: int
-    BLOCK_K: int
+    # Forward: a program owns BLOCK_B batch elements, BLOCK_I input capsules per predictions tile.
+    BLOCK_B: int
+    BLOCK_I: int
     num_warps: int
-    maxnreg: int
-    BLOCK_B: int = 1  # batch elements per forward program
-    FORWARD_BLOCK_I: int = 1  # input capsules per forward tile of BLOCK_B elements
+    # Backward phase 1: likewise, with a smaller batch tile (it holds more state).
+    REDUCE_BLOCK_B: int
+    REDUCE_BLOCK_I: int
+    reduce_num_warps: int
+    # Backward phase 2: a program owns INPUTS_BLOCK_I input capsules and a chunk of BLOCK_K of Din.
+    INPUTS_BLOCK_I: int
+    BLOCK_K: int
+    W_IN_REGISTERS: bool  # one chunk holds all of Din: predictions come from the W tile in registers
+    inputs_num_warps: int
 
-    def compile_options(self) -> dict:
+    def compile_options(self, kernel: str = "forward") -> dict:
+        """Warps and register cap of one kernel: "forward", "reduce" or "inputs"."""
         if _interpreting():  # the interpreter takes no compiler options
             return {}
-        return dict(num_warps=self.num_warps, maxnreg=self.maxnreg)
+        num_warps = {"forward": self.num_warps, "reduce": self.reduce_num_warps, "inputs": self.inputs_num_warps}[kernel]
+        return dict(num_warps=num_warps, maxnreg=_register_cap(num_warps))
+
+
+def _batch_tiling(jd: int, max_warps: int) -> Tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_I, warps) so that each state tensor takes about _STATE_REGISTERS per thread."""
+    per_warp = 32 * _STATE_REGISTERS
+    block_b = _clamp(max_warps * per_warp // jd, 1, _MAX_BLOCK_B)
+    warps = _clamp(-(-block_b * jd // per_warp), _MIN_WARPS, max_warps)
+    block_i = _clamp(warps * per_warp // (block_b * jd), 1, _MAX_BLOCK_I)
+    return block_b, block_i, warps
 
 
 def launch_config(J: int, D: int, K: int, element_size: int = 4) -> LaunchConfig:
     """Block sizes for J output capsules of D dims fed by Din = K (K = 0: predictions given).
 
-    Tiles are sized in registers: a float64 element takes two, so its tiles hold half as many.
+    Sized in registers per thread (a float64 element takes two): a state tensor of a batch tile
+    takes about _STATE_REGISTERS, the W tile of phase 2 about _INPUTS_TILE_REGISTERS; the warps
+    grow with the tile so that this holds, up to 16 for the forward at small J x Dout, else 8.
     """
     scale = max(1, element_size // 4)
     block_j = max(_MIN_BLOCK_J, _next_pow2(J))
     block_d = max(_MIN_BLOCK_D, _next_pow2(D))
-    block_i = max(1, min(_MAX_BLOCK_I, _TILE_ELEMENTS // scale // (block_j * block_d)))
-    # The dW tile holds a chunk of K; the input-gradient kernel loops over the chunks.
-    block_k = min(max(_MIN_BLOCK_K, _next_pow2(K)), max(1, _DW_TILE_ELEMENTS // scale // (block_j * block_d))) if K else 1
-    # A large J x D state (V, s, g_s, rows of u_hat) is spread over more threads; the register
-    # cap then shrinks so that one program still fits an SM's 64K registers.
-    num_warps = min(16, max(_NUM_WARPS, _NUM_WARPS * block_j * block_d * scale // 1024))
-    if element_size == 8 and block_j * block_d >= 512:
-        # Triton 3.6 spreads a float64 tile's input capsules over warps, which replicates the J x D
-        # state in each: at 4 warps, J x D = 16 x 32 spilled there (tests/triton_aot.py).
-        num_warps = max(num_warps, 8)
-    # The forward's (BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D) tile: as many batch elements as the tile
-    # holds (they share every W load), then input capsules.
-    block_b = max(1, min(_MAX_BLOCK_B, _TILE_ELEMENTS // scale // (block_j * block_d)))
-    forward_block_i = max(1, min(_MAX_BLOCK_I, _TILE_ELEMENTS // scale // (block_b * block_j * block_d)))
-    return LaunchConfig(block_i, block_j, block_d, block_k, num_warps, min(_MAX_REGISTERS, 65536 // (32 * num_warps)),
-                        block_b, forward_block_i)
+    jd = block_j * block_d * scale  # registers of one element's J x D state, over all threads
+    forward = _batch_tiling(jd, _MAX_WARPS if jd <= _FORWARD_16_WARPS_MAX_JD else _MAX_WARPS_MOST)
+    reduce = _batch_tiling(jd, _MAX_WARPS_MOST)
+    tile_budget = 32 * _INPUTS_TILE_REGISTERS * _MAX_WARPS_MOST
+    if K:
+        block_k = max(_MIN_BLOCK_K, _next_pow2(K))
+        if jd * block_k > tile_budget:  # W[i] does not fit: loop over chunks of Din
+            block_k = max(1, tile_budget // jd)
+        inputs_block_i = _clamp(tile_budget // (jd * block_k), 1, _MAX_BLOCK_I)
+        tile = inputs_block_i * jd * block_k
+        inputs_warps = _clamp(-(-tile // (32 * _INPUTS_TILE_REGISTERS)), _MIN_WARPS, _MAX_WARPS_MOST)
+    else:  # route: the tile holds the given predictions and their gradient
+        block_k = 1
+        inputs_block_i = _clamp(_MIN_WARPS * 32 * _STATE_REGISTERS // jd, 1, _MAX_BLOCK_I)
+        inputs_warps = _clamp(-(-inputs_block_i * jd // (32 * _STATE_REGISTERS)), _MIN_WARPS, _MAX_WARPS_MOST)
+    return LaunchConfig(block_j, block_d, *forward, *reduce, inputs_block_i, block_k, bool(K) and block_k >= K,
+                        inputs_warps)
 
 
 def all_launch_configs():
@@ -139,16 +178,34 @@ def all_launch_configs():
 def _program_target(device: torch.device) -> int:
     """Programs wanted in flight: a few per SM on a GPU; 1 under the interpreter (it runs them serially)."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     return 1
 
 
-def split_count(B: int, I: int, block_i: int, device: torch.device) -> int:
-    """Slices of the input capsules per batch element, so that small batches fill the device."""
-    if B == 0 or B >= _program_target(device):
-        return 1
-    wanted = -(-_program_target(device) // B)
-    return max(1, min(wanted, -(-I // (4 * block_i))))  # at least four tiles per slice
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """How one call is launched: its shape, block sizes, and how the work is split over programs."""
+
+    B: int
+    I: int
+    J: int
+    D: int
+    K: int  # 0: predictions given (route)
+    element_size: int
+    cfg: LaunchConfig
+    # Forward: grid (batch_tiles, splits).
+    batch_tiles: int
+    splits: int  # slices of the input capsules per batch tile; 1: one launch runs every iteration
+    i_per_split: int
+    # Backward phase 1: grid (reduce_tiles, reduce_splits), likewise.
+    reduce_tiles: int
+    reduce_splits: int
+    reduce_i_per_split: int
+    # Backward phase 2: grid (input_tiles, k_chunks, chunks).
+    input_tiles: int
+    k_chunks: int
+    chunks: int  # batch chunks, each with its own partial dW
+    b_per_chunk: int
 
 
 def input_slices(I: int, splits: int) -> Tuple[int, int]:
@@ -157,22 +214,42 @@ def input_slices(I: int, splits: int) -> Tuple[int, int]:
     return i_per_split, -(-I // i_per_split)
 
 
-def forward_split_count(B: int, I: int, cfg: LaunchConfig, device: torch.device) -> int:
-    """Slices of the input capsules per batch tile of the forward (its programs own BLOCK_B elements)."""
-    return split_count(-(-B // cfg.BLOCK_B), I, cfg.FORWARD_BLOCK_I, device)
+def launch_plan(B: int, I: int, J: int, D: int, K: int, element_size: int, programs: int,
+                splits: Optional[int] = None) -> LaunchPlan:
+    """The launches for a (B, I, J, D, K) problem on a device that wants ``programs`` in flight.
 
-
-def batch_chunks(B: int, I: int, k_chunks: int, weights_per_pair: int, device: torch.device) -> int:
-    """Batch chunks for the input-gradient kernel when I x K-chunks alone leave the device idle.
-
-    Each chunk holds a partial dW of I*J*weights_per_pair elements (weights_per_pair = Dout*Din);
-    their number is capped so that all of them together stay below B*I*J elements.
+    A batch too small to give that many batch tiles has its input capsules split across programs
+    (at least four tiles per slice); phase 2 splits the batch into chunks when its input tiles
+    alone are too few, at most _MAX_BATCH_CHUNKS and with all partial dW together below B*I*J
+    elements. ``splits`` forces the slices (tests).
     """
-    programs = I * k_chunks
-    if B == 0 or programs >= _program_target(device):
-        return 1
-    memory_cap = (B - 1) // weights_per_pair
-    return max(1, min(memory_cap, _MAX_BATCH_CHUNKS, -(-_program_target(device) // programs)))
+    cfg = launch_config(J, D, K, element_size)
+
+    def tiles_and_slices(block_b: int, block_i: int) -> Tuple[int, int, int]:
+        tiles, slices = -(-B // block_b), splits
+        if slices is None:
+            slices = 1
+            if 0 < tiles < programs:
+                slices = min(-(-programs // tiles), -(-I // (4 * block_i)))
+        i_per_slice, slices = input_slices(I, slices) if slices > 1 else (I, 1)
+        return tiles, slices, i_per_slice
+
+    forward = tiles_and_slices(cfg.BLOCK_B, cfg.BLOCK_I)
+    reduce = tiles_and_slices(cfg.REDUCE_BLOCK_B, cfg.REDUCE_BLOCK_I)
+    input_tiles = -(-I // cfg.INPUTS_BLOCK_I)
+    k_chunks = -(-K // cfg.BLOCK_K) if K else 1
+    chunks = 1
+    if K and B and input_tiles * k_chunks < programs:
+        memory_cap = (B - 1) // (D * K)
+        chunks = _clamp(-(-programs // (input_tiles * k_chunks)), 1, min(memory_cap, _MAX_BATCH_CHUNKS))
+    b_per_chunk = max(1, -(-B // chunks))
+    chunks = max(1, -(-B // b_per_chunk))
+    return LaunchPlan(B, I, J, D, K, element_size, cfg, *forward, *reduce, input_tiles, k_chunks, chunks, b_per_chunk)
+
+
+def plan_for(x: torch.Tensor, W: Optional[torch.Tensor], splits: Optional[int] = None) -> LaunchPlan:
+    """The launch plan of a call with these inputs on their device."""
+    return launch_plan(*_shape(x, W), x.element_size(), _program_target(x.device), splits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,31 +259,57 @@ class Traffic:
     loaded: int
     stored: int
 
+    def __add__(self, other: "Traffic") -> "Traffic":
+        return Traffic(self.loaded + other.loaded, self.stored + other.stored)
 
-def forward_traffic(B: int, I: int, J: int, D: int, K: int, R: int, element_size: int, device: torch.device,
-                    splits: Optional[int] = None) -> Traffic:
+
+def _predictions_traffic(p: LaunchPlan, tiles: int) -> int:
+    """Elements one pass over every (b, i) loads to build predictions, for ``tiles`` batch tiles.
+
+    With W, each tile reads u once per k and W once for all its batch elements; without, u_hat once.
+    """
+    return p.B * p.I * p.K + p.I * p.J * p.D * p.K * tiles if p.K else p.B * p.I * p.J * p.D
+
+
+def forward_traffic(p: LaunchPlan, R: int) -> Traffic:
     """What ``routing_forward`` moves through its Triton launches (not the torch ops between them).
 
-    K = 0: ``route``, the predictions u_hat (B, I, J, D) given. A program loads each (b, i) of its
-    batch tile's u column once per iteration and per k, and each W element of its input capsules
-    once per iteration for its whole tile: W costs ceil(B / BLOCK_B) reads per iteration, u and
-    u_hat one each. Counted exactly against the interpreter in tests/test_triton_traffic.py.
+    W costs ceil(B / BLOCK_B) reads per iteration, u and u_hat one each. Saved: s(r) and V(r-1).
+    Counted exactly against the interpreter in tests/test_triton_traffic.py.
     """
-    cfg = launch_config(J, D, K, element_size)
-    acc_size = 8 if element_size == 8 else 4
-    tiles = -(-B // cfg.BLOCK_B)
-    if splits is None:
-        splits = forward_split_count(B, I, cfg, device)
-    if splits > 1:  # as the launcher rounds them
-        splits = input_slices(I, splits)[1]
-    per_iteration = (B * I * K + I * J * D * K * tiles) if K else B * I * J * D
-    loaded = R * per_iteration * element_size
-    if splits == 1:  # one launch: s(r) and V(r-1) saved per iteration, v at the end
-        stored = 2 * R * B * J * D * acc_size + B * J * D * element_size
-    else:  # a launch per iteration: each slice loads its tile's V and stores a partial s
-        loaded += R * splits * B * J * D * acc_size
-        stored = R * splits * B * J * D * acc_size
-    return Traffic(loaded, stored)
+    acc = 8 if p.element_size == 8 else 4
+    state = p.B * p.J * p.D
+    loaded = R * _predictions_traffic(p, p.batch_tiles) * p.element_size
+    if p.splits == 1:  # one launch: s(r) and V(r-1) saved per iteration, v at the end
+        return Traffic(loaded, 2 * R * state * acc + state * p.element_size)
+    # A launch per iteration: each slice loads its tile's V and stores a partial s.
+    return Traffic(loaded + R * p.splits * state * acc, R * p.splits * state * acc)
+
+
+def backward_traffic(p: LaunchPlan, R: int, grad_element_size: Optional[int] = None) -> Traffic:
+    """What ``routing_backward`` moves through its Triton launches (not the torch ops between them).
+
+    Phase 1 rebuilds the predictions in R - 1 iterations, W read once per its batch tile; phase 2 reads
+    each W tile once per batch chunk (again per element where Din is chunked), and V(r-1), g_s(r)
+    once per (batch element, input tile, Din chunk).
+    """
+    acc = 8 if p.element_size == 8 else 4
+    size = p.element_size
+    state = p.B * p.J * p.D
+    passes = (R - 1) * _predictions_traffic(p, p.reduce_tiles) * size
+    if p.reduce_splits == 1:  # one launch: dL/dv, s(r) for every r and V(r-1) for r >= 2 in; g_s(r) out
+        phase1 = Traffic(state * (grad_element_size or size) + (2 * R - 1) * state * acc + passes, R * state * acc)
+    else:  # a launch per iteration r >= 2: each slice loads V(r-1) and g_s(r), stores a partial A
+        phase1 = Traffic(2 * (R - 1) * p.reduce_splits * state * acc + passes, (R - 1) * p.reduce_splits * state * acc)
+    saved_reads = p.B * p.input_tiles * p.k_chunks * 2 * R * p.J * p.D * acc
+    if not p.K:
+        phase2 = Traffic(p.B * p.I * p.J * p.D * size + saved_reads, p.B * p.I * p.J * p.D * size)
+        return phase1 + phase2
+    weights = p.I * p.J * p.D * p.K
+    loaded = p.chunks * weights * size + p.B * p.I * p.K * size + saved_reads
+    if not p.cfg.W_IN_REGISTERS:  # predictions rebuilt from u and W for every element and Din chunk
+        loaded += p.k_chunks * p.B * (p.I * p.K + weights) * size
+    return phase1 + Traffic(loaded, p.B * p.I * p.K * size + p.chunks * weights * acc)
 
 
 def _kernels():
@@ -233,31 +336,30 @@ def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: 
 
     Returns v (B, J, D) in x's dtype, and s(r), V(r-1) as (B, R, J, D) in the compute dtype.
     """
-    B, I, J, D, K = _shape(x, W)
-    R = num_iterations
+    p = plan_for(x, W, splits)
+    B, J, D, R = p.B, p.J, p.D, num_iterations
     acc = accumulation_dtype(x.dtype)
-    cfg = launch_config(J, D, K, x.element_size())
     v = torch.empty(B, J, D, device=x.device, dtype=x.dtype)
     s_saved = torch.empty(B, R, J, D, device=x.device, dtype=acc)
     Vprev_saved = torch.empty(B, R, J, D, device=x.device, dtype=acc)
     if B == 0:
         return v, s_saved, Vprev_saved
-    batch_tiles = -(-B // cfg.BLOCK_B)
-    splits = splits or forward_split_count(B, I, cfg, x.device)
+    cfg = p.cfg
     W_arg = W if W is not None else x
     kernel = _kernels()._routing_forward_kernel
-    blocks = dict(HAS_W=W is not None, BLOCK_B=cfg.BLOCK_B, BLOCK_I=cfg.FORWARD_BLOCK_I, BLOCK_J=cfg.BLOCK_J,
+    args = (B, p.I, J, D, p.K, R, p.splits, p.i_per_split)
+    blocks = dict(HAS_W=W is not None, BLOCK_B=cfg.BLOCK_B, BLOCK_I=cfg.BLOCK_I, BLOCK_J=cfg.BLOCK_J,
                   BLOCK_D=cfg.BLOCK_D, **cfg.compile_options())
+    grid = (p.batch_tiles, p.splits)
     with _device_guard(x):
-        if splits == 1:
-            kernel[(batch_tiles, 1)](x, W_arg, v, s_saved, Vprev_saved, B, I, J, D, K, R, 1, I, **blocks)
+        if p.splits == 1:
+            kernel[grid](x, W_arg, v, s_saved, Vprev_saved, *args, **blocks)
             return v, s_saved, Vprev_saved
-        # Small batch: one launch per iteration over (B, splits) programs, slices combined in a fixed order.
-        i_per_split, splits = input_slices(I, splits)
-        partial = torch.empty(B, splits, J, D, device=x.device, dtype=acc)
+        # Small batch: one launch per iteration, the slices' partial sums combined in a fixed order.
+        partial = torch.empty(B, p.splits, J, D, device=x.device, dtype=acc)
         V = torch.zeros(B, J, D, device=x.device, dtype=acc)
         for r in range(R):
-            kernel[(batch_tiles, splits)](x, W_arg, v, partial, V, B, I, J, D, K, R, splits, i_per_split, **blocks)
+            kernel[grid](x, W_arg, v, partial, V, *args, **blocks)
             s = partial.sum(dim=1)
             s_saved[:, r] = s
             Vprev_saved[:, r] = V
@@ -269,10 +371,10 @@ def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: 
 
 def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, splits: Optional[int] = None):
     """Exact backward (DESIGN.md §3). Returns (dx, dW); dW is None without W."""
-    B, I, J, D, K = _shape(x, W)
-    R = num_iterations
+    p = plan_for(x, W, splits)
+    B, I, J, D, K, R = p.B, p.I, p.J, p.D, p.K, num_iterations
     acc = s_saved.dtype
-    cfg = launch_config(J, D, K, x.element_size())
+    cfg = p.cfg
     dx = torch.empty_like(x)
     dW = torch.zeros_like(W) if W is not None else None
     if B == 0:
@@ -282,40 +384,33 @@ def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, sp
     W_arg = W if has_w else x
     kernels = _kernels()
     gs_saved = torch.empty_like(s_saved)
-    splits = splits or split_count(B, I, cfg.BLOCK_I, x.device)
-    blocks = dict(HAS_W=has_w, BLOCK_I=cfg.BLOCK_I, BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, **cfg.compile_options())
+    blocks = dict(HAS_W=has_w, BLOCK_B=cfg.REDUCE_BLOCK_B, BLOCK_I=cfg.REDUCE_BLOCK_I, BLOCK_J=cfg.BLOCK_J,
+                  BLOCK_D=cfg.BLOCK_D, **cfg.compile_options("reduce"))
+    reduce_kernel = kernels._routing_backward_reduce_kernel[(p.reduce_tiles, p.reduce_splits)]
     with _device_guard(x):
         # Phase 1: g_s(r) for every r, reducing A(r) over the input capsules.
-        if splits == 1:
-            kernels._routing_backward_reduce_kernel[(B, 1)](
-                x, W_arg, grad_v, s_saved, Vprev_saved, gs_saved, gs_saved, I, J, D, K, R, 0, 1, I, **blocks
-            )
+        if p.reduce_splits == 1:
+            reduce_kernel(x, W_arg, grad_v, s_saved, Vprev_saved, gs_saved, gs_saved, B, I, J, D, K, R, 0, 1, I, **blocks)
         else:
-            i_per_split, splits = input_slices(I, splits)
-            partial = torch.empty(B, splits, J, D, device=x.device, dtype=acc)
+            partial = torch.empty(B, p.reduce_splits, J, D, device=x.device, dtype=acc)
             g_v = grad_v.to(acc)
             A_suffix = torch.zeros_like(g_v)
             for r in reversed(range(R)):
                 gs = _squash_backward(s_saved[:, r], A_suffix + (g_v if r == R - 1 else 0))
                 gs_saved[:, r] = gs
                 if r > 0:
-                    kernels._routing_backward_reduce_kernel[(B, splits)](
-                        x, W_arg, grad_v, s_saved, Vprev_saved, gs_saved, partial, I, J, D, K, R, r, splits, i_per_split,
-                        **blocks,
-                    )
+                    reduce_kernel(x, W_arg, grad_v, s_saved, Vprev_saved, gs_saved, partial, B, I, J, D, K, R, r,
+                                  p.reduce_splits, p.reduce_i_per_split, **blocks)
                     A_suffix = A_suffix + partial.sum(dim=1)
-        # Phase 2: per input capsule, du (or du_hat) for every element and dW accumulated over the batch.
-        k_chunks = -(-K // cfg.BLOCK_K) if has_w else 1
-        chunks = batch_chunks(B, I, k_chunks, D * K, x.device) if has_w else 1
-        b_per_chunk = -(-B // chunks)
-        chunks = -(-B // b_per_chunk)
-        dW_partial = torch.empty(chunks, *W.shape, device=x.device, dtype=acc) if has_w else x
-        kernels._routing_backward_inputs_kernel[(I, k_chunks, chunks)](
-            x, W_arg, Vprev_saved, gs_saved, dx, dW_partial, B, I, J, D, K, R, b_per_chunk,
-            HAS_W=has_w, BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, BLOCK_K=cfg.BLOCK_K, **cfg.compile_options(),
+        # Phase 2: per tile of input capsules, du (or du_hat) for every element and dW summed over the batch.
+        dW_partial = torch.empty(p.chunks, *W.shape, device=x.device, dtype=acc) if has_w else x
+        kernels._routing_backward_inputs_kernel[(p.input_tiles, p.k_chunks, p.chunks)](
+            x, W_arg, Vprev_saved, gs_saved, dx, dW_partial, B, I, J, D, K, R, p.b_per_chunk,
+            HAS_W=has_w, BLOCK_I=cfg.INPUTS_BLOCK_I, BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, BLOCK_K=cfg.BLOCK_K,
+            W_IN_REGISTERS=cfg.W_IN_REGISTERS, **cfg.compile_options("inputs"),
         )
         if has_w:
-            dW.copy_(dW_partial.sum(dim=0) if chunks > 1 else dW_partial[0])
+            dW.copy_(dW_partial.sum(dim=0) if p.chunks > 1 else dW_partial[0])
     return dx, dW
 
 

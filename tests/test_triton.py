@@ -101,9 +101,8 @@ def test_small_batch_split_paths(monkeypatch, entry):
 
     monkeypatch.setattr(triton_backend, "_program_target", lambda device: 256)
     B, I, Din, J, Dout = 2, 150, 8, 10, 16
-    cfg = triton_backend.launch_config(J, Dout, Din, element_size=8)
-    device = torch.device(DEVICE)
-    assert triton_backend.forward_split_count(B, I, cfg, device) > 1 and triton_backend.split_count(B, I, cfg.BLOCK_I, device) > 1
+    plan = triton_backend.launch_plan(B, I, J, Dout, Din, 8, 256)
+    assert plan.splits > 1 and plan.reduce_splits > 1
     assert_matches_reference("triton", B, I, Din, J, Dout, 3, dtype=torch.float64, device=DEVICE, entries=(entry,))
 
 
@@ -113,7 +112,7 @@ def test_batch_chunked_weight_gradient(monkeypatch):
 
     monkeypatch.setattr(triton_backend, "_program_target", lambda device: 64)
     B, I, Din, J, Dout = 17, 30, 2, 10, 4
-    assert triton_backend.batch_chunks(B, I, 1, Dout * Din, torch.device(DEVICE)) > 1
+    assert triton_backend.launch_plan(B, I, J, Dout, Din, 8, 64).chunks > 1
     assert_matches_reference("triton", B, I, Din, J, Dout, 3, dtype=torch.float64, device=DEVICE, entries=("capsule_routing",))
 
 
@@ -138,7 +137,7 @@ def test_weight_gradient_is_bitwise_reproducible_on_a_gpu(monkeypatch):
 
     monkeypatch.setattr(triton_backend, "_program_target", lambda device: 64)  # exercise the chunked dW sum too
     u, W = make_inputs(17, 30, 2, 10, 4, torch.float32, DEVICE, requires_grad=True)
-    assert triton_backend.batch_chunks(17, 30, 1, 4 * 2, torch.device(DEVICE)) > 1
+    assert triton_backend.launch_plan(17, 30, 10, 4, 2, 4, 64).chunks > 1
     grads = []
     for _ in range(2):
         v = capsrouting.capsule_routing(u, W, 3, backend="triton")
@@ -174,9 +173,8 @@ def test_never_allocates_B_I_J_elements(monkeypatch, small_batch_paths):
     device = torch.device(DEVICE)
     # 256 programs wanted forces both small-batch paths; 1 (as under the interpreter) forces neither.
     monkeypatch.setattr(triton_backend, "_program_target", lambda device: 256 if small_batch_paths else 1)
-    cfg = triton_backend.launch_config(J, Dout, Din, element_size=4)
-    paths = (triton_backend.forward_split_count(B, I, cfg, device), triton_backend.split_count(B, I, cfg.BLOCK_I, device),
-             triton_backend.batch_chunks(B, I, 1, Dout * Din, device))
+    plan = triton_backend.launch_plan(B, I, J, Dout, Din, 4, triton_backend._program_target(device))
+    paths = (plan.splits, plan.reduce_splits, plan.chunks)
     # Input capsules split across programs and dW summed over batch chunks, or neither.
     assert (min(paths) > 1) if small_batch_paths else paths == (1, 1, 1), paths
     u, W = make_inputs(B, I, Din, J, Dout, torch.float32, DEVICE, requires_grad=True)

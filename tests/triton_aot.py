@@ -27,11 +27,20 @@ DTYPES = {"fp64": "fp64", "fp32": "fp32", "fp16": "fp32", "bf16": "fp32"}  # inp
 ELEMENT_SIZES = {"fp64": 8, "fp32": 4, "fp16": 2, "bf16": 2}
 
 # Per kernel: which pointer arguments hold the input dtype (the rest hold the compute dtype),
-# and which block sizes it takes (a pair: the kernel's name for a LaunchConfig field).
+# which block sizes it takes (a pair: the kernel's name for a LaunchConfig field), and its name
+# for LaunchConfig.compile_options (warps and register cap).
 KERNELS = {
-    "_routing_forward_kernel": (("x_ptr", "W_ptr", "v_ptr"), ("BLOCK_B", ("BLOCK_I", "FORWARD_BLOCK_I"), "BLOCK_J", "BLOCK_D")),
-    "_routing_backward_reduce_kernel": (("x_ptr", "W_ptr", "grad_v_ptr"), ("BLOCK_I", "BLOCK_J", "BLOCK_D")),
-    "_routing_backward_inputs_kernel": (("x_ptr", "W_ptr", "dx_ptr"), ("BLOCK_J", "BLOCK_D", "BLOCK_K")),
+    "_routing_forward_kernel": (("x_ptr", "W_ptr", "v_ptr"), ("BLOCK_B", "BLOCK_I", "BLOCK_J", "BLOCK_D"), "forward"),
+    "_routing_backward_reduce_kernel": (
+        ("x_ptr", "W_ptr", "grad_v_ptr"),
+        (("BLOCK_B", "REDUCE_BLOCK_B"), ("BLOCK_I", "REDUCE_BLOCK_I"), "BLOCK_J", "BLOCK_D"),
+        "reduce",
+    ),
+    "_routing_backward_inputs_kernel": (
+        ("x_ptr", "W_ptr", "dx_ptr"),
+        (("BLOCK_I", "INPUTS_BLOCK_I"), "BLOCK_J", "BLOCK_D", "BLOCK_K", "W_IN_REGISTERS"),
+        "inputs",
+    ),
 }
 
 
@@ -40,11 +49,12 @@ def variants():
 
     seen = set()
     for cfg, has_w, element_size in all_launch_configs():
-        for kernel, (_, block_names) in KERNELS.items():
+        for kernel, (_, block_names, options_name) in KERNELS.items():
             pairs = [(name, name) if isinstance(name, str) else name for name in block_names]
             blocks = tuple((arg, getattr(cfg, field)) for arg, field in pairs)
+            options = cfg.compile_options(options_name)
             for dtype in (d for d, size in ELEMENT_SIZES.items() if size == element_size):
-                key = (kernel, has_w, blocks, (cfg.num_warps, cfg.maxnreg), dtype)
+                key = (kernel, has_w, blocks, (options["num_warps"], options["maxnreg"]), dtype)
                 if key not in seen:
                     seen.add(key)
                     yield key
@@ -59,7 +69,7 @@ def compile_one(key, arch):
 
     kernel_name, has_w, blocks, (num_warps, maxnreg), dtype = key
     fn = getattr(_triton_kernels, kernel_name)
-    input_ptrs, _ = KERNELS[kernel_name]
+    input_ptrs = KERNELS[kernel_name][0]
     constexprs = dict(blocks, HAS_W=has_w)
     signature = {}
     for name in fn.arg_names:
@@ -117,7 +127,7 @@ def main(argv=None) -> int:
             bad += 1
             print(f"FAILED {r['kernel']} {r['arch']} {r['dtype']}: {r['error']}")
             continue
-        blocks = " ".join(f"{k}={r[k]}" for k in ("BLOCK_B", "BLOCK_I", "BLOCK_J", "BLOCK_D", "BLOCK_K") if k in r)
+        blocks = " ".join(f"{k}={r[k]}" for k in ("BLOCK_B", "BLOCK_I", "BLOCK_J", "BLOCK_D", "BLOCK_K", "W_IN_REGISTERS") if k in r)
         flag = "" if r["spill_bytes"] == 0 else f"  SPILLS {r['spill_bytes']} bytes"
         bad += r["spill_bytes"] != 0
         print(
