@@ -238,16 +238,16 @@ def _routing_forward_kernel(
 
     if num_splits == 1:
         V = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
-        v = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
-        state = b3 * R * J * D + jd3  # each element's (R, J, D) block
         for r in range(_loop_bound(R)):
             s = _batch_accumulate_s(x_ptr, W_ptr, b_offs, b_valid, V, 0, I, j_offs, d_offs, I, J, D, K,
                                     HAS_W, ACC, BLOCK_I)
-            tl.store(s_ptr + state + r * J * D, s, mask=bjd_mask)
-            tl.store(Vprev_ptr + state + r * J * D, V, mask=bjd_mask)
+            state = b3 * R * J * D + jd3 + r * J * D  # row r of each element's (R, J, D) block
+            tl.store(s_ptr + state, s, mask=bjd_mask)
+            tl.store(Vprev_ptr + state, V, mask=bjd_mask)
             v = _batch_squash(s, SQUASH_EPS)
             V += v
-        tl.store(v_ptr + b3 * J * D + jd3, v.to(v_ptr.dtype.element_ty), mask=bjd_mask)
+            # Stored every iteration (the last one stays) rather than carried: fewer live registers.
+            tl.store(v_ptr + b3 * J * D + jd3, v.to(v_ptr.dtype.element_ty), mask=bjd_mask)
     else:
         V = tl.load(Vprev_ptr + b3 * J * D + jd3, mask=bjd_mask, other=0.0)
         i_begin, i_end = _split_range(split, i_per_split, I)

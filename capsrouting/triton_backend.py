@@ -36,7 +36,7 @@ _MAX_BLOCK_B = 16
 # may then have are too few for the rest (they spill, tests/triton_aot.py).
 _MAX_WARPS_MOST = 8
 # The forward fits 16 warps while one element's padded J x Dout state takes at most this many registers.
-_FORWARD_16_WARPS_MAX_JD = 512
+_FORWARD_16_WARPS_MAX_JD = 256
 # Batch chunks of the input-gradient kernel: each holds a partial dW, so keep them few.
 _MAX_BATCH_CHUNKS = 8
 _MIN_WARPS, _MAX_WARPS = 4, 16
@@ -280,8 +280,8 @@ def forward_traffic(p: LaunchPlan, R: int) -> Traffic:
     acc = 8 if p.element_size == 8 else 4
     state = p.B * p.J * p.D
     loaded = R * _predictions_traffic(p, p.batch_tiles) * p.element_size
-    if p.splits == 1:  # one launch: s(r) and V(r-1) saved per iteration, v at the end
-        return Traffic(loaded, 2 * R * state * acc + state * p.element_size)
+    if p.splits == 1:  # one launch: s(r), V(r-1) and v (the last one stays) stored per iteration
+        return Traffic(loaded, R * state * (2 * acc + p.element_size))
     # A launch per iteration: each slice loads its tile's V and stores a partial s.
     return Traffic(loaded + R * p.splits * state * acc, R * p.splits * state * acc)
 

@@ -117,7 +117,8 @@ def test_batch_chunked_weight_gradient(monkeypatch):
 
 
 def test_gradcheck_float64():
-    u, W = make_inputs(2, 7, 3, 4, 5, torch.float64, DEVICE, requires_grad=True)
+    # Odd sizes, few elements: gradcheck runs two interpreted forwards per input element.
+    u, W = make_inputs(2, 5, 2, 3, 3, torch.float64, DEVICE, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: capsrouting.capsule_routing(a, b, 3, backend="triton"), (u, W))
     u_hat = reference.predictions(u, W).detach().requires_grad_()
     assert torch.autograd.gradcheck(lambda x: capsrouting.route(x, 2, backend="triton"), (u_hat,))
