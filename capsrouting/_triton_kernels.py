@@ -26,7 +26,8 @@ _routing_forward_kernel
     (BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D) in registers, built by a loop over K
     from a (BLOCK_B, BLOCK_I) column of u and a (BLOCK_I, BLOCK_J, BLOCK_D)
     slice of W per k (plain FMAs: Din is too small for tl.dot's minimum of 16).
-    Registers: the predictions tile, V, s and v (BLOCK_B x BLOCK_J x BLOCK_D each).
+    Registers: the predictions tile, V and s (BLOCK_B x BLOCK_J x BLOCK_D each);
+    v is stored every iteration (the last stays) rather than carried.
     Saved for backward: s(r) and V(r-1) for every r, (B, R, J, D) each.
 _routing_backward_reduce_kernel
     grid (ceil(B / BLOCK_B), num_splits), phase 1 of §3, tiled like the
@@ -52,14 +53,14 @@ Memory traffic per launch (bytes loaded and stored, from the shapes and these
 tilings) is modelled by ``triton_backend.forward_traffic`` and
 ``backward_traffic``; tests/test_triton_traffic.py checks the model against
 every load and store counted under the interpreter. At the paper's layer and
-B = 128 on a 132-SM GPU the forward loads 0.23 x B|W| bytes and forward +
-backward 0.71 x B|W| (``python -m bench.traffic``).
+B = 128 on a 132-SM GPU the forward loads 0.40 x B|W| bytes and forward +
+backward 1.07 x B|W| (``python -m bench.traffic``).
 
 Block sizes and warps come from ``triton_backend.launch_config``: J and D are
 padded to powers of two (at least 16 and 8, so few variants exist); each
 (BLOCK_B, BLOCK_J, BLOCK_D) state takes about 8 registers per thread and the
-W tile of phase 2 about 16, the warps (4 to 16; at most 8 for phase 1)
-growing with the tile; ptxas may use every register a program can have. ``tests/triton_aot.py`` compiles
+W tile of phase 2 about 16, the warps (4 to 8) growing with the tile; ptxas
+may use every register a program can have. ``tests/triton_aot.py`` compiles
 every variant for sm_80 and sm_90 and checks that none spills (in CI with the
 current Triton, and for sm_90 with Triton 3.6, the oldest supported).
 """
@@ -120,10 +121,12 @@ def _batch_predictions_tile(
         acc = tl.zeros((b_offs.shape[0], BLOCK_I, j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
         u_rows = x_ptr + (b_offs[:, None] * I + i_offs[None, :]) * K
         bi_mask = b_valid[:, None] & i_valid[None, :]
-        w_row = W_ptr + ((i3 * J + j3) * D + d3) * K
+        # 32-bit offsets added to a per-k scalar pointer: a tensor of 64-bit pointers kept across
+        # the k loop takes twice the registers (W has fewer than 2**31 elements, _shape_reason).
+        w_offs = ((i3.to(tl.int32) * J + j3) * D + d3) * K
         for k in range(_loop_bound(K)):
             u_k = tl.load(u_rows + k, mask=bi_mask, other=0.0).to(ACC)
-            w_k = tl.load(w_row + k, mask=ijd_mask, other=0.0).to(ACC)
+            w_k = tl.load((W_ptr + k) + w_offs, mask=ijd_mask, other=0.0).to(ACC)
             acc += w_k[None, :, :, :] * u_k[:, :, None, None]
         return acc
     else:

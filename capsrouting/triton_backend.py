@@ -32,14 +32,12 @@ _MIN_BLOCK_J, _MIN_BLOCK_D, _MIN_BLOCK_K = 16, 8, 4
 _MAX_BLOCK_I = 16
 # Batch elements per program of the forward and backward phase 1: each W tile loaded serves all.
 _MAX_BLOCK_B = 16
-# Warps of every kernel but the forward at small J x Dout: at 16 warps the 128 registers a thread
-# may then have are too few for the rest (they spill, tests/triton_aot.py).
-_MAX_WARPS_MOST = 8
-# The forward fits 16 warps while one element's padded J x Dout state takes at most this many registers.
-_FORWARD_16_WARPS_MAX_JD = 256
 # Batch chunks of the input-gradient kernel: each holds a partial dW, so keep them few.
 _MAX_BATCH_CHUNKS = 8
-_MIN_WARPS, _MAX_WARPS = 4, 16
+# Warps per program. At 16 a thread may have only 128 registers: the forward at the paper's
+# sizes then spills with Triton 3.6, and 16 batch elements at 8 warps spill with 3.9
+# (tests/triton_aot.py), so every kernel stays at 8 warps or fewer for now.
+_MIN_WARPS, _MAX_WARPS = 4, 8
 # Programs wanted in flight per SM, so that one waiting on memory leaves others to run.
 _PROGRAMS_PER_SM = 4
 # Let ptxas use up to the hardware limit: left alone, it caps registers for occupancy and spills.
@@ -139,26 +137,26 @@ def launch_config(J: int, D: int, K: int, element_size: int = 4) -> LaunchConfig
 
     Sized in registers per thread (a float64 element takes two): a state tensor of a batch tile
     takes about _STATE_REGISTERS, the W tile of phase 2 about _INPUTS_TILE_REGISTERS; the warps
-    grow with the tile so that this holds, up to 16 for the forward at small J x Dout, else 8.
+    grow with the tile so that this holds, up to 8.
     """
     scale = max(1, element_size // 4)
     block_j = max(_MIN_BLOCK_J, _next_pow2(J))
     block_d = max(_MIN_BLOCK_D, _next_pow2(D))
     jd = block_j * block_d * scale  # registers of one element's J x D state, over all threads
-    forward = _batch_tiling(jd, _MAX_WARPS if jd <= _FORWARD_16_WARPS_MAX_JD else _MAX_WARPS_MOST)
-    reduce = _batch_tiling(jd, _MAX_WARPS_MOST)
-    tile_budget = 32 * _INPUTS_TILE_REGISTERS * _MAX_WARPS_MOST
+    forward = _batch_tiling(jd, _MAX_WARPS)
+    reduce = _batch_tiling(jd, _MAX_WARPS)
+    tile_budget = 32 * _INPUTS_TILE_REGISTERS * _MAX_WARPS
     if K:
         block_k = max(_MIN_BLOCK_K, _next_pow2(K))
         if jd * block_k > tile_budget:  # W[i] does not fit: loop over chunks of Din
             block_k = max(1, tile_budget // jd)
         inputs_block_i = _clamp(tile_budget // (jd * block_k), 1, _MAX_BLOCK_I)
         tile = inputs_block_i * jd * block_k
-        inputs_warps = _clamp(-(-tile // (32 * _INPUTS_TILE_REGISTERS)), _MIN_WARPS, _MAX_WARPS_MOST)
+        inputs_warps = _clamp(-(-tile // (32 * _INPUTS_TILE_REGISTERS)), _MIN_WARPS, _MAX_WARPS)
     else:  # route: the tile holds the given predictions and their gradient
         block_k = 1
         inputs_block_i = _clamp(_MIN_WARPS * 32 * _STATE_REGISTERS // jd, 1, _MAX_BLOCK_I)
-        inputs_warps = _clamp(-(-inputs_block_i * jd // (32 * _STATE_REGISTERS)), _MIN_WARPS, _MAX_WARPS_MOST)
+        inputs_warps = _clamp(-(-inputs_block_i * jd // (32 * _STATE_REGISTERS)), _MIN_WARPS, _MAX_WARPS)
     return LaunchConfig(block_j, block_d, *forward, *reduce, inputs_block_i, block_k, bool(K) and block_k >= K,
                         inputs_warps)
 
@@ -274,7 +272,7 @@ def _predictions_traffic(p: LaunchPlan, tiles: int) -> int:
 def forward_traffic(p: LaunchPlan, R: int) -> Traffic:
     """What ``routing_forward`` moves through its Triton launches (not the torch ops between them).
 
-    W costs ceil(B / BLOCK_B) reads per iteration, u and u_hat one each. Saved: s(r) and V(r-1).
+    W costs ceil(B / BLOCK_B) reads per iteration, u and u_hat one each. Stored: s(r), V(r-1) and v.
     Counted exactly against the interpreter in tests/test_triton_traffic.py.
     """
     acc = 8 if p.element_size == 8 else 4
@@ -492,6 +490,8 @@ def route(u_hat: torch.Tensor, num_iterations: int) -> torch.Tensor:
 
 def _shape_reason(x: torch.Tensor, W: Optional[torch.Tensor]) -> Optional[str]:
     _, _, J, D, K = _shape(x, W)
+    if W is not None and W.numel() >= 2**31:  # the kernels index W with 32-bit offsets
+        return f"the triton backend supports W with fewer than 2**31 elements; got {W.numel()}"
     return size_limit_reason(J, D, K, x.element_size())
 
 
