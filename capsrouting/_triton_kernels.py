@@ -31,7 +31,8 @@ _routing_forward_kernel
     Saved for backward: s(r) and V(r-1) for every r, (B, R, J, D) each.
 _routing_backward_reduce_kernel
     grid (ceil(B / BLOCK_B), num_splits), phase 1 of §3, tiled like the
-    forward (with a smaller BLOCK_B: it holds more state). For r = R..1 it turns the gradient G reaching v(r) into g_s(r)
+    forward (its BLOCK_B is a separate launch-config field: it holds more
+    state, so it is the first to spill when batch tiles grow). For r = R..1 it turns the gradient G reaching v(r) into g_s(r)
     (squash backward, stored for phase 2) and, for r >= 2, adds
     A(r) = sum_i g_b(r)[i, j] u_hat[i, j], the gradient that flows into
     V(r-1), to G. Registers: the predictions tile, G, V(r-1), g_s(r).

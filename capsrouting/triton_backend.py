@@ -105,7 +105,8 @@ class LaunchConfig:
     BLOCK_B: int
     BLOCK_I: int
     num_warps: int
-    # Backward phase 1: likewise, with a smaller batch tile (it holds more state).
+    # Backward phase 1: likewise; sized by the same rule today, but it holds more state (G, V(r-1),
+    # g_s(r)) and spills first when batch tiles grow, so its tile is set apart.
     REDUCE_BLOCK_B: int
     REDUCE_BLOCK_I: int
     reduce_num_warps: int
