@@ -116,12 +116,14 @@ class LaunchConfig:
     W_IN_REGISTERS: bool  # one chunk holds all of Din: predictions come from the W tile in registers
     inputs_num_warps: int
 
-    def compile_options(self, kernel: str = "forward") -> dict:
-        """Warps and register cap of one kernel: "forward", "reduce" or "inputs"."""
-        if _interpreting():  # the interpreter takes no compiler options
-            return {}
+    def gpu_options(self, kernel: str = "forward") -> dict:
+        """Warps and register cap of one kernel, "forward", "reduce" or "inputs", compiled for a GPU."""
         num_warps = {"forward": self.num_warps, "reduce": self.reduce_num_warps, "inputs": self.inputs_num_warps}[kernel]
         return dict(num_warps=num_warps, maxnreg=_register_cap(num_warps))
+
+    def compile_options(self, kernel: str = "forward") -> dict:
+        """What a launch passes: gpu_options, or nothing under the interpreter (it takes none)."""
+        return {} if _interpreting() else self.gpu_options(kernel)
 
 
 def _batch_tiling(jd: int, max_warps: int) -> Tuple[int, int, int]:

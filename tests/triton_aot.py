@@ -28,7 +28,7 @@ ELEMENT_SIZES = {"fp64": 8, "fp32": 4, "fp16": 2, "bf16": 2}
 
 # Per kernel: which pointer arguments hold the input dtype (the rest hold the compute dtype),
 # which block sizes it takes (a pair: the kernel's name for a LaunchConfig field), and its name
-# for LaunchConfig.compile_options (warps and register cap).
+# for LaunchConfig.gpu_options (warps and register cap).
 KERNELS = {
     "_routing_forward_kernel": (("x_ptr", "W_ptr", "v_ptr"), ("BLOCK_B", "BLOCK_I", "BLOCK_J", "BLOCK_D"), "forward"),
     "_routing_backward_reduce_kernel": (
@@ -52,7 +52,7 @@ def variants():
         for kernel, (_, block_names, options_name) in KERNELS.items():
             pairs = [(name, name) if isinstance(name, str) else name for name in block_names]
             blocks = tuple((arg, getattr(cfg, field)) for arg, field in pairs)
-            options = cfg.compile_options(options_name)
+            options = cfg.gpu_options(options_name)
             for dtype in (d for d, size in ELEMENT_SIZES.items() if size == element_size):
                 key = (kernel, has_w, blocks, (options["num_warps"], options["maxnreg"]), dtype)
                 if key not in seen:
