@@ -268,6 +268,12 @@ def test_data_efficiency_experiment_end_to_end(mnist_dir, tmp_path):
     assert sorted((r["model"], r["size"], r["seed"]) for r in runs) == sorted(
         (m, s, seed) for m in ("capsnet", "baseline") for s in (10, 20) for seed in (0, 1))
     assert "| 10 | 2 |" in out and (tmp_path / "data_efficiency.png").stat().st_size > 1000
+    # The baseline trains at its own learning rate (it diverges at CapsNet's).
+    from capsrouting.experiments.data_efficiency import BASELINE_LR
+
+    rates = {r["model"]: json.loads((tmp_path / f"{r['model']}-{r['size']}-seed{r['seed']}" / "result.json").read_text())
+             ["config"]["budget"]["lr"] for r in runs}
+    assert rates == {"capsnet": 1e-3, "baseline": BASELINE_LR}
 
 
 def test_multimnist_experiment_end_to_end(mnist_dir, tmp_path):
