@@ -322,11 +322,18 @@ def module_present(module: str) -> bool:
         return False
 
 
+def _default_sigint() -> None:
+    """In the child, before it runs: SIGINT back to its default. A shell starts background jobs
+    (``nohup ... &``) with SIGINT ignored, children inherit that, and Python then never raises
+    KeyboardInterrupt: the step would run on to SIGKILL and lose its summary."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_command(argv: List[str], env: Dict[str, str], log, limit: float) -> Tuple[int, bool]:
     """Run argv in ROOT, its output shown and logged; interrupt it (SIGINT to its process group,
     then SIGKILL) after ``limit`` seconds. Returns (exit status, stopped at the limit)."""
     process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=_default_sigint)
 
     def copy():  # in a thread, so that the main thread can keep the deadline
         for raw in iter(process.stdout.readline, b""):
