@@ -28,7 +28,8 @@ _routing_forward_kernel
     slice of W per k (plain FMAs: Din is too small for tl.dot's minimum of 16).
     Registers: the predictions tile, V and s (BLOCK_B x BLOCK_J x BLOCK_D each);
     v is stored every iteration (the last stays) rather than carried.
-    Saved for backward: s(r) and V(r-1) for every r, (B, R, J, D) each.
+    Saved for backward: s(r) and V(r-1) for every r, (R, B, J, D) each, so
+    that a tile's block of row r is contiguous and addressed from one scalar base.
 _routing_backward_reduce_kernel
     grid (ceil(B / BLOCK_B), num_splits), phase 1 of §3, tiled like the
     forward (its BLOCK_B is a separate launch-config field: it holds more
@@ -54,14 +55,20 @@ Memory traffic per launch (bytes loaded and stored, from the shapes and these
 tilings) is modelled by ``triton_backend.forward_traffic`` and
 ``backward_traffic``; tests/test_triton_traffic.py checks the model against
 every load and store counted under the interpreter. At the paper's layer and
-B = 128 on a 132-SM GPU the forward loads 0.40 x B|W| bytes and forward +
-backward 1.07 x B|W| (``python -m bench.traffic``).
+B = 128 on a 132-SM GPU the forward loads 0.23 x B|W| bytes and forward +
+backward 0.71 x B|W| (``python -m bench.traffic``).
+
+Addresses: every tile is a scalar base pointer (64-bit arithmetic) plus 32-bit
+lane offsets from it (W has fewer than 2**31 elements, a sample of x fewer than
+2**27, ``triton_backend._shape_reason``). Tensors of 64-bit pointers held across
+the loops took two registers a lane and made 16-element batch tiles spill.
 
 Block sizes and warps come from ``triton_backend.launch_config``: J and D are
 padded to powers of two (at least 16 and 8, so few variants exist); each
-(BLOCK_B, BLOCK_J, BLOCK_D) state takes about 8 registers per thread and the
-W tile of phase 2 about 16, the warps (4 to 8) growing with the tile; ptxas
-may use every register a program can have. ``tests/triton_aot.py`` compiles
+(BLOCK_B, BLOCK_J, BLOCK_D) state takes about 16 registers per thread in the
+forward and 8 in phase 1 (which holds one more), the W tile of phase 2 about
+32 (16 for half inputs and large J x D), the warps (4 to 8) growing with the
+tile; ptxas may use every register a program can have. ``tests/triton_aot.py`` compiles
 every variant for sm_80 and sm_90 and checks that none spills (in CI with the
 current Triton, and for sm_90 with Triton 3.6, the oldest supported).
 """
@@ -104,37 +111,40 @@ def _split_range(split, i_per_split, I):
 
 @triton.jit
 def _batch_predictions_tile(
-    x_ptr, W_ptr, b_offs, b_valid, i0, i_end, j_offs, d_offs, I, J, D, K,
+    x_ptr, W_ptr, b0, b_local, b_valid, i0, i_end, j_offs, d_offs, I, J, D, K,
     HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    """u_hat[b_offs, i0:i0+BLOCK_I, j_offs, d_offs] as a (BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D) tile.
+    """u_hat[b0 + b_local, i0:i0+BLOCK_I, j_offs, d_offs] as a (BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D) tile.
 
     Each W element is loaded once for the whole batch tile. Rows of padded or
     out-of-range b, of i at or past i_end, and padded j, d are zero.
+    Addresses are a scalar base plus 32-bit lane offsets (one sample of x has
+    fewer than 2**27 elements and W fewer than 2**31, _shape_reason): a tensor
+    of 64-bit pointers held across the loops takes twice the registers.
     """
-    i_offs = i0 + tl.arange(0, BLOCK_I)
-    i_valid = i_offs < i_end
-    i3 = i_offs[:, None, None]
+    i_local = tl.arange(0, BLOCK_I)
+    i_valid = i0 + i_local < i_end
+    i3 = i_local[:, None, None]
     j3 = j_offs[None, :, None]
     d3 = d_offs[None, None, :]
-    ijd_mask = (i3 < i_end) & (j3 < J) & (d3 < D)
+    ijd_mask = i_valid[:, None, None] & (j3 < J) & (d3 < D)
     if HAS_W:
-        acc = tl.zeros((b_offs.shape[0], BLOCK_I, j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
-        u_rows = x_ptr + (b_offs[:, None] * I + i_offs[None, :]) * K
+        acc = tl.zeros((b_local.shape[0], BLOCK_I, j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
+        u_base = x_ptr + (b0 * I + i0) * K
+        u_offs = (b_local[:, None] * I + i_local[None, :]) * K
         bi_mask = b_valid[:, None] & i_valid[None, :]
-        # 32-bit offsets added to a per-k scalar pointer: a tensor of 64-bit pointers kept across
-        # the k loop takes twice the registers (W has fewer than 2**31 elements, _shape_reason).
-        w_offs = ((i3.to(tl.int32) * J + j3) * D + d3) * K
+        w_base = W_ptr + i0 * J * D * K
+        w_offs = ((i3 * J + j3) * D + d3) * K
         for k in range(_loop_bound(K)):
-            u_k = tl.load(u_rows + k, mask=bi_mask, other=0.0).to(ACC)
-            w_k = tl.load((W_ptr + k) + w_offs, mask=ijd_mask, other=0.0).to(ACC)
+            u_k = tl.load((u_base + k) + u_offs, mask=bi_mask, other=0.0).to(ACC)
+            w_k = tl.load((w_base + k) + w_offs, mask=ijd_mask, other=0.0).to(ACC)
             acc += w_k[None, :, :, :] * u_k[:, :, None, None]
         return acc
     else:
-        b4 = b_offs[:, None, None, None]
+        b4 = b_local[:, None, None, None]
         offs = ((b4 * I + i3[None, :, :, :]) * J + j3[None, :, :, :]) * D + d3[None, :, :, :]
         mask = b_valid[:, None, None, None] & ijd_mask[None, :, :, :]
-        return tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        return tl.load((x_ptr + (b0 * I + i0) * J * D) + offs, mask=mask, other=0.0).to(ACC)
 
 
 @triton.jit
@@ -157,14 +167,14 @@ def _batch_logit_grad(u_hat, c, gs):
 
 @triton.jit
 def _batch_accumulate_s(
-    x_ptr, W_ptr, b_offs, b_valid, V, i_begin, i_end, j_offs, d_offs, I, J, D, K,
+    x_ptr, W_ptr, b0, b_local, b_valid, V, i_begin, i_end, j_offs, d_offs, I, J, D, K,
     HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     """Per batch element of the tile, sum over i in [i_begin, i_end) of c[i, j] u_hat[i, j]."""
-    s = tl.zeros((b_offs.shape[0], j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
+    s = tl.zeros((b_local.shape[0], j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
     j_valid = (j_offs < J)[None, None, :]
     for i0 in range(_loop_bound(i_begin), _loop_bound(i_end), BLOCK_I):
-        u_hat = _batch_predictions_tile(x_ptr, W_ptr, b_offs, b_valid, i0, i_end, j_offs, d_offs, I, J, D, K,
+        u_hat = _batch_predictions_tile(x_ptr, W_ptr, b0, b_local, b_valid, i0, i_end, j_offs, d_offs, I, J, D, K,
                                         HAS_W, ACC, BLOCK_I)
         c = _batch_coupling(u_hat, V, j_valid)
         s += tl.sum(c[:, :, :, None] * u_hat, axis=1)
@@ -173,13 +183,13 @@ def _batch_accumulate_s(
 
 @triton.jit
 def _batch_agreement_grad(
-    x_ptr, W_ptr, b_offs, b_valid, Vp, gs, A, i_begin, i_end, j_offs, d_offs, I, J, D, K,
+    x_ptr, W_ptr, b0, b_local, b_valid, Vp, gs, A, i_begin, i_end, j_offs, d_offs, I, J, D, K,
     HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     """A plus, per batch element of the tile, sum over i in [i_begin, i_end) of g_b[i, j] u_hat[i, j] (§3)."""
     j_valid = (j_offs < J)[None, None, :]
     for i0 in range(_loop_bound(i_begin), _loop_bound(i_end), BLOCK_I):
-        u_hat = _batch_predictions_tile(x_ptr, W_ptr, b_offs, b_valid, i0, i_end, j_offs, d_offs, I, J, D, K,
+        u_hat = _batch_predictions_tile(x_ptr, W_ptr, b0, b_local, b_valid, i0, i_end, j_offs, d_offs, I, J, D, K,
                                         HAS_W, ACC, BLOCK_I)
         g_b = _batch_logit_grad(u_hat, _batch_coupling(u_hat, Vp, j_valid), gs)
         A += tl.sum(g_b[:, :, :, None] * u_hat, axis=1)
@@ -212,12 +222,23 @@ def _batch_squash_backward(s, g, EPS: tl.constexpr):
 
 @triton.jit
 def _batch_tile(B, J, D, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's batch tile: offsets, validity, and (b, j, d) offsets and mask into a (B, J, D) state."""
-    b_offs = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_valid = b_offs < B
+    """This program's batch tile [b0, b0 + BLOCK_B): its first element, lane offsets, validity, and the
+    32-bit offsets and mask of its (BLOCK_B, BLOCK_J, BLOCK_D) block in a (.., B, J, D) state, from
+    (row * B + b0) * J * D (see _state_ptrs)."""
+    b0 = tl.program_id(0).to(tl.int64) * BLOCK_B
+    b_local = tl.arange(0, BLOCK_B)
+    b_valid = b0 + b_local < B
     j_offs, d_offs, jd_offs, jd_mask = _jd_block(J, D, BLOCK_J, BLOCK_D)
+    bjd_offs = b_local[:, None, None] * (J * D) + jd_offs[None, :, :]
     bjd_mask = b_valid[:, None, None] & jd_mask[None, :, :]
-    return b_offs, b_valid, j_offs, d_offs, b_offs[:, None, None], jd_offs[None, :, :], bjd_mask
+    return b0, b_local, b_valid, j_offs, d_offs, bjd_offs, bjd_mask
+
+
+@triton.jit
+def _state_ptrs(ptr, row, B, b0, J, D, bjd_offs):
+    """Pointers to the batch tile's block of row `row` of a (rows, B, J, D) state: a scalar base and
+    the tile's 32-bit offsets, so no tensor of 64-bit pointers is held across the loops."""
+    return (ptr + (row * B + b0) * J * D) + bjd_offs
 
 
 @triton.jit
@@ -225,8 +246,8 @@ def _routing_forward_kernel(
     x_ptr,        # u (B, I, K) if HAS_W else u_hat (B, I, J, D), contiguous
     W_ptr,        # W (I, J, D, K), contiguous; ignored unless HAS_W
     v_ptr,        # out: v (B, J, D), input dtype (num_splits == 1 only)
-    s_ptr,        # out: s(r) (B, R, J, D) in the compute dtype; partial s (B, num_splits, J, D) if num_splits > 1
-    Vprev_ptr,    # out: V(r-1) (B, R, J, D) (num_splits == 1); in: V (B, J, D) for this iteration (num_splits > 1)
+    s_ptr,        # out: s(r) (R, B, J, D) in the compute dtype; partial s (num_splits, B, J, D) if num_splits > 1
+    Vprev_ptr,    # out: V(r-1) (R, B, J, D) (num_splits == 1); in: V (B, J, D) for this iteration (num_splits > 1)
     B, I, J, D, K, R,
     num_splits,   # programs per batch tile along grid axis 1
     i_per_split,  # input capsules per program along grid axis 1
@@ -238,26 +259,25 @@ def _routing_forward_kernel(
 ):
     split = tl.program_id(1).to(tl.int64)
     ACC: tl.constexpr = s_ptr.dtype.element_ty
-    b_offs, b_valid, j_offs, d_offs, b3, jd3, bjd_mask = _batch_tile(B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
+    b0, b_local, b_valid, j_offs, d_offs, bjd_offs, bjd_mask = _batch_tile(B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
 
     if num_splits == 1:
         V = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
         for r in range(_loop_bound(R)):
-            s = _batch_accumulate_s(x_ptr, W_ptr, b_offs, b_valid, V, 0, I, j_offs, d_offs, I, J, D, K,
+            tl.store(_state_ptrs(Vprev_ptr, r, B, b0, J, D, bjd_offs), V, mask=bjd_mask)
+            s = _batch_accumulate_s(x_ptr, W_ptr, b0, b_local, b_valid, V, 0, I, j_offs, d_offs, I, J, D, K,
                                     HAS_W, ACC, BLOCK_I)
-            state = b3 * R * J * D + jd3 + r * J * D  # row r of each element's (R, J, D) block
-            tl.store(s_ptr + state, s, mask=bjd_mask)
-            tl.store(Vprev_ptr + state, V, mask=bjd_mask)
+            tl.store(_state_ptrs(s_ptr, r, B, b0, J, D, bjd_offs), s, mask=bjd_mask)
             v = _batch_squash(s, SQUASH_EPS)
             V += v
             # Stored every iteration (the last one stays) rather than carried: fewer live registers.
-            tl.store(v_ptr + b3 * J * D + jd3, v.to(v_ptr.dtype.element_ty), mask=bjd_mask)
+            tl.store(_state_ptrs(v_ptr, 0, B, b0, J, D, bjd_offs), v.to(v_ptr.dtype.element_ty), mask=bjd_mask)
     else:
-        V = tl.load(Vprev_ptr + b3 * J * D + jd3, mask=bjd_mask, other=0.0)
+        V = tl.load(_state_ptrs(Vprev_ptr, 0, B, b0, J, D, bjd_offs), mask=bjd_mask, other=0.0)
         i_begin, i_end = _split_range(split, i_per_split, I)
-        s = _batch_accumulate_s(x_ptr, W_ptr, b_offs, b_valid, V, i_begin, i_end, j_offs, d_offs, I, J, D, K,
+        s = _batch_accumulate_s(x_ptr, W_ptr, b0, b_local, b_valid, V, i_begin, i_end, j_offs, d_offs, I, J, D, K,
                                 HAS_W, ACC, BLOCK_I)
-        tl.store(s_ptr + (b3 * num_splits + split) * J * D + jd3, s, mask=bjd_mask)
+        tl.store(_state_ptrs(s_ptr, split, B, b0, J, D, bjd_offs), s, mask=bjd_mask)
 
 
 @triton.jit
@@ -265,10 +285,10 @@ def _routing_backward_reduce_kernel(
     x_ptr,        # u (B, I, K) if HAS_W else u_hat (B, I, J, D)
     W_ptr,        # W (I, J, D, K); ignored unless HAS_W
     grad_v_ptr,   # in: dL/dv (B, J, D), contiguous, any float dtype (num_splits == 1)
-    s_ptr,        # in: s(r) (B, R, J, D) from the forward
-    Vprev_ptr,    # in: V(r-1) (B, R, J, D) from the forward
-    gs_ptr,       # out: g_s(r) (B, R, J, D) (num_splits == 1); in: g_s(r) for iteration `r_only` (num_splits > 1)
-    A_ptr,        # out: partial A(r_only) (B, num_splits, J, D) (num_splits > 1 only)
+    s_ptr,        # in: s(r) (R, B, J, D) from the forward
+    Vprev_ptr,    # in: V(r-1) (R, B, J, D) from the forward
+    gs_ptr,       # out: g_s(r) (R, B, J, D) (num_splits == 1); in: g_s(r) for iteration `r_only` (num_splits > 1)
+    A_ptr,        # out: partial A(r_only) (num_splits, B, J, D) (num_splits > 1 only)
     B, I, J, D, K, R,
     r_only,       # the one iteration this launch reduces (num_splits > 1)
     num_splits,
@@ -281,39 +301,38 @@ def _routing_backward_reduce_kernel(
 ):
     split = tl.program_id(1).to(tl.int64)
     ACC: tl.constexpr = s_ptr.dtype.element_ty
-    b_offs, b_valid, j_offs, d_offs, b3, jd3, bjd_mask = _batch_tile(B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
-    state = b3 * R * J * D + jd3
+    b0, b_local, b_valid, j_offs, d_offs, bjd_offs, bjd_mask = _batch_tile(B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
 
     if num_splits == 1:
         # G: the gradient reaching v(r). For r = R it is dL/dv; below, the A(r') of every later
         # iteration r' (which read V(r'-1), a sum that holds v(r)).
-        G = tl.load(grad_v_ptr + b3 * J * D + jd3, mask=bjd_mask, other=0.0).to(ACC)
+        G = tl.load(_state_ptrs(grad_v_ptr, 0, B, b0, J, D, bjd_offs), mask=bjd_mask, other=0.0).to(ACC)
         for rr in range(_loop_bound(R)):
             r = R - 1 - rr
-            s = tl.load(s_ptr + state + r * J * D, mask=bjd_mask, other=0.0)
+            s = tl.load(_state_ptrs(s_ptr, r, B, b0, J, D, bjd_offs), mask=bjd_mask, other=0.0)
             gs = _batch_squash_backward(s, G, SQUASH_EPS)
-            tl.store(gs_ptr + state + r * J * D, gs, mask=bjd_mask)
+            tl.store(_state_ptrs(gs_ptr, r, B, b0, J, D, bjd_offs), gs, mask=bjd_mask)
             if r > 0:
                 G = tl.where(rr > 0, G, 0.0)  # dL/dv reaches only v(R)
-                Vp = tl.load(Vprev_ptr + state + r * J * D, mask=bjd_mask, other=0.0)
-                G = _batch_agreement_grad(x_ptr, W_ptr, b_offs, b_valid, Vp, gs, G, 0, I, j_offs, d_offs,
+                Vp = tl.load(_state_ptrs(Vprev_ptr, r, B, b0, J, D, bjd_offs), mask=bjd_mask, other=0.0)
+                G = _batch_agreement_grad(x_ptr, W_ptr, b0, b_local, b_valid, Vp, gs, G, 0, I, j_offs, d_offs,
                                           I, J, D, K, HAS_W, ACC, BLOCK_I)
     else:
-        Vp = tl.load(Vprev_ptr + state + r_only * J * D, mask=bjd_mask, other=0.0)
-        gs = tl.load(gs_ptr + state + r_only * J * D, mask=bjd_mask, other=0.0)
+        Vp = tl.load(_state_ptrs(Vprev_ptr, r_only, B, b0, J, D, bjd_offs), mask=bjd_mask, other=0.0)
+        gs = tl.load(_state_ptrs(gs_ptr, r_only, B, b0, J, D, bjd_offs), mask=bjd_mask, other=0.0)
         i_begin, i_end = _split_range(split, i_per_split, I)
         A = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
-        A = _batch_agreement_grad(x_ptr, W_ptr, b_offs, b_valid, Vp, gs, A, i_begin, i_end, j_offs, d_offs,
+        A = _batch_agreement_grad(x_ptr, W_ptr, b0, b_local, b_valid, Vp, gs, A, i_begin, i_end, j_offs, d_offs,
                                   I, J, D, K, HAS_W, ACC, BLOCK_I)
-        tl.store(A_ptr + (b3 * num_splits + split) * J * D + jd3, A, mask=bjd_mask)
+        tl.store(_state_ptrs(A_ptr, split, B, b0, J, D, bjd_offs), A, mask=bjd_mask)
 
 
 @triton.jit
 def _routing_backward_inputs_kernel(
     x_ptr,        # u (B, I, K) if HAS_W else u_hat (B, I, J, D)
     W_ptr,        # W (I, J, D, K); ignored unless HAS_W
-    Vprev_ptr,    # in: V(r-1) (B, R, J, D)
-    gs_ptr,       # in: g_s(r) (B, R, J, D)
+    Vprev_ptr,    # in: V(r-1) (R, B, J, D)
+    gs_ptr,       # in: g_s(r) (R, B, J, D)
     dx_ptr,       # out: du (B, I, K) if HAS_W else du_hat (B, I, J, D), input dtype
     dW_ptr,       # out: dW partial (B_CHUNKS, I, J, D, K) in the compute dtype; ignored unless HAS_W
     B, I, J, D, K, R,
@@ -347,19 +366,19 @@ def _routing_backward_inputs_kernel(
     b_end = tl.minimum(b_begin + b_per_chunk, B)
     for b in range(_loop_bound(b_begin), _loop_bound(b_end)):
         # The tile of one batch element, as a BLOCK_B = 1 tile: (1, BLOCK_I, BLOCK_J, BLOCK_D).
-        b_offs = b + tl.arange(0, 1).to(tl.int64)
+        one = tl.arange(0, 1)
         if HAS_W:
             u_b = tl.load(x_ptr + (b * I + i_offs[:, None]) * K + k_offs[None, :], mask=ik_mask, other=0.0).to(ACC)
         if W_IN_REGISTERS:
             u_hat = tl.sum(W_tile * u_b[:, None, None, :], axis=3)[None, :, :, :]
         else:
-            u_hat = _batch_predictions_tile(x_ptr, W_ptr, b_offs, b_offs < B, i0, I, j_offs, d_offs, I, J, D, K,
+            u_hat = _batch_predictions_tile(x_ptr, W_ptr, b, one, one == 0, i0, I, j_offs, d_offs, I, J, D, K,
                                             HAS_W, ACC, BLOCK_I)
         du_hat = tl.zeros((1, BLOCK_I, BLOCK_J, BLOCK_D), dtype=ACC)
-        state = b * R * J * D
         for r in range(_loop_bound(R)):
-            Vp = tl.load(Vprev_ptr + state + r * J * D + jd_offs, mask=jd_mask, other=0.0)[None, :, :]
-            gs = tl.load(gs_ptr + state + r * J * D + jd_offs, mask=jd_mask, other=0.0)[None, :, :]
+            state = (r * B + b) * J * D
+            Vp = tl.load(Vprev_ptr + state + jd_offs, mask=jd_mask, other=0.0)[None, :, :]
+            gs = tl.load(gs_ptr + state + jd_offs, mask=jd_mask, other=0.0)[None, :, :]
             c = _batch_coupling(u_hat, Vp, j_valid)
             g_b = _batch_logit_grad(u_hat, c, gs)
             du_hat += c[:, :, :, None] * gs[:, None, :, :] + g_b[:, :, :, None] * Vp[:, None, :, :]

@@ -8,6 +8,7 @@ tested without a GPU.
 """
 import contextlib
 import dataclasses
+import math
 import os
 from typing import Optional, Tuple
 
@@ -21,11 +22,17 @@ from .reference import SQUASH_EPS, squash
 # Largest sizes the kernels are compiled and tested for.
 MAX_J, MAX_DOUT, MAX_DIN = 64, 32, 16
 # Registers per thread that one (BLOCK_B, BLOCK_J, BLOCK_D) state tensor (V, s, g_s, ...) or the
-# predictions tile of the batch-tile kernels may take: they hold four to six such tensors plus
-# pointers and masks, and ptxas needs about 15 registers per such unit (tests/triton_aot.py).
-_STATE_REGISTERS = 8
-# Registers per thread for the W tile of the input-gradient kernel (its dW tile takes as many).
-_INPUTS_TILE_REGISTERS = 16
+# predictions tile of a batch-tile kernel may take. The forward holds three such tensors (V, s, the
+# tile) besides its temporaries; phase 1 of the backward holds four (G, V(r-1), g_s(r), the tile)
+# and spills at the forward's size (tests/triton_aot.py), so it gets half.
+_FORWARD_STATE_REGISTERS = 16
+_REDUCE_STATE_REGISTERS = 8
+# Registers per thread for the W tile of the input-gradient kernel (its dW tile takes as many):
+# the first where the rest of the program is small, the second where it is not: half inputs
+# convert every element they load, and a padded J x Dout over _INPUTS_LARGE_JD takes registers of
+# its own (each spills with the first, tests/triton_aot.py).
+_INPUTS_TILE_REGISTERS, _INPUTS_TILE_REGISTERS_CROWDED = 32, 16
+_INPUTS_LARGE_JD = 1024
 # Smallest blocks: small capsule sizes are padded up so that few kernel variants exist
 # (each is compiled and checked for spills ahead of time); padded lanes are masked.
 _MIN_BLOCK_J, _MIN_BLOCK_D, _MIN_BLOCK_K = 16, 8, 4
@@ -105,8 +112,7 @@ class LaunchConfig:
     BLOCK_B: int
     BLOCK_I: int
     num_warps: int
-    # Backward phase 1: likewise; sized by the same rule today, but it holds more state (G, V(r-1),
-    # g_s(r)) and spills first when batch tiles grow, so its tile is set apart.
+    # Backward phase 1: likewise, with half the forward's registers per state tensor (it holds more).
     REDUCE_BLOCK_B: int
     REDUCE_BLOCK_I: int
     reduce_num_warps: int
@@ -117,20 +123,22 @@ class LaunchConfig:
     inputs_num_warps: int
 
     def gpu_options(self, kernel: str = "forward") -> dict:
-        """Warps and register cap of one kernel, "forward", "reduce" or "inputs", compiled for a GPU."""
+        """Compile options of one kernel, "forward", "reduce" or "inputs", for a GPU: its warps, its
+        register cap, and multiply-adds fused as the tolerances were measured (stated, because
+        Triton's default changes after 3.9)."""
         num_warps = {"forward": self.num_warps, "reduce": self.reduce_num_warps, "inputs": self.inputs_num_warps}[kernel]
-        return dict(num_warps=num_warps, maxnreg=_register_cap(num_warps))
+        return dict(num_warps=num_warps, maxnreg=_register_cap(num_warps), enable_fp_fusion=True)
 
     def compile_options(self, kernel: str = "forward") -> dict:
         """What a launch passes: gpu_options, or nothing under the interpreter (it takes none)."""
         return {} if _interpreting() else self.gpu_options(kernel)
 
 
-def _batch_tiling(jd: int, max_warps: int) -> Tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_I, warps) so that each state tensor takes about _STATE_REGISTERS per thread."""
-    per_warp = 32 * _STATE_REGISTERS
-    block_b = _clamp(max_warps * per_warp // jd, 1, _MAX_BLOCK_B)
-    warps = _clamp(-(-block_b * jd // per_warp), _MIN_WARPS, max_warps)
+def _batch_tiling(jd: int, registers: int) -> Tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_I, warps) so that each state tensor takes about ``registers`` per thread."""
+    per_warp = 32 * registers
+    block_b = _clamp(_MAX_WARPS * per_warp // jd, 1, _MAX_BLOCK_B)
+    warps = _clamp(-(-block_b * jd // per_warp), _MIN_WARPS, _MAX_WARPS)
     block_i = _clamp(warps * per_warp // (block_b * jd), 1, _MAX_BLOCK_I)
     return block_b, block_i, warps
 
@@ -139,27 +147,30 @@ def launch_config(J: int, D: int, K: int, element_size: int = 4) -> LaunchConfig
     """Block sizes for J output capsules of D dims fed by Din = K (K = 0: predictions given).
 
     Sized in registers per thread (a float64 element takes two): a state tensor of a batch tile
-    takes about _STATE_REGISTERS, the W tile of phase 2 about _INPUTS_TILE_REGISTERS; the warps
+    takes about _FORWARD_STATE_REGISTERS (_REDUCE_STATE_REGISTERS in phase 1 of the backward), the
+    W tile of phase 2 about _INPUTS_TILE_REGISTERS (or _CROWDED); the warps
     grow with the tile so that this holds, up to 8.
     """
     scale = max(1, element_size // 4)
     block_j = max(_MIN_BLOCK_J, _next_pow2(J))
     block_d = max(_MIN_BLOCK_D, _next_pow2(D))
     jd = block_j * block_d * scale  # registers of one element's J x D state, over all threads
-    forward = _batch_tiling(jd, _MAX_WARPS)
-    reduce = _batch_tiling(jd, _MAX_WARPS)
-    tile_budget = 32 * _INPUTS_TILE_REGISTERS * _MAX_WARPS
+    forward = _batch_tiling(jd, _FORWARD_STATE_REGISTERS)
+    reduce = _batch_tiling(jd, _REDUCE_STATE_REGISTERS)
+    crowded = element_size == 2 or block_j * block_d > _INPUTS_LARGE_JD
+    tile_registers = _INPUTS_TILE_REGISTERS_CROWDED if crowded else _INPUTS_TILE_REGISTERS
+    tile_budget = 32 * tile_registers * _MAX_WARPS
     if K:
         block_k = max(_MIN_BLOCK_K, _next_pow2(K))
         if jd * block_k > tile_budget:  # W[i] does not fit: loop over chunks of Din
             block_k = max(1, tile_budget // jd)
         inputs_block_i = _clamp(tile_budget // (jd * block_k), 1, _MAX_BLOCK_I)
         tile = inputs_block_i * jd * block_k
-        inputs_warps = _clamp(-(-tile // (32 * _INPUTS_TILE_REGISTERS)), _MIN_WARPS, _MAX_WARPS)
+        inputs_warps = _clamp(-(-tile // (32 * tile_registers)), _MIN_WARPS, _MAX_WARPS)
     else:  # route: the tile holds the given predictions and their gradient
         block_k = 1
-        inputs_block_i = _clamp(_MIN_WARPS * 32 * _STATE_REGISTERS // jd, 1, _MAX_BLOCK_I)
-        inputs_warps = _clamp(-(-inputs_block_i * jd // (32 * _STATE_REGISTERS)), _MIN_WARPS, _MAX_WARPS)
+        inputs_block_i = _clamp(_MIN_WARPS * 32 * _REDUCE_STATE_REGISTERS // jd, 1, _MAX_BLOCK_I)
+        inputs_warps = _clamp(-(-inputs_block_i * jd // (32 * _REDUCE_STATE_REGISTERS)), _MIN_WARPS, _MAX_WARPS)
     return LaunchConfig(block_j, block_d, *forward, *reduce, inputs_block_i, block_k, bool(K) and block_k >= K,
                         inputs_warps)
 
@@ -272,13 +283,18 @@ def _predictions_traffic(p: LaunchPlan, tiles: int) -> int:
     return p.B * p.I * p.K + p.I * p.J * p.D * p.K * tiles if p.K else p.B * p.I * p.J * p.D
 
 
+def _accumulator_size(element_size: int) -> int:
+    """Bytes of an element of the compute dtype for inputs of ``element_size`` bytes."""
+    return accumulation_dtype({2: torch.float16, 4: torch.float32, 8: torch.float64}[element_size]).itemsize
+
+
 def forward_traffic(p: LaunchPlan, R: int) -> Traffic:
     """What ``routing_forward`` moves through its Triton launches (not the torch ops between them).
 
     W costs ceil(B / BLOCK_B) reads per iteration, u and u_hat one each. Stored: s(r), V(r-1) and v.
     Counted exactly against the interpreter in tests/test_triton_traffic.py.
     """
-    acc = 8 if p.element_size == 8 else 4
+    acc = _accumulator_size(p.element_size)
     state = p.B * p.J * p.D
     loaded = R * _predictions_traffic(p, p.batch_tiles) * p.element_size
     if p.splits == 1:  # one launch: s(r), V(r-1) and v (the last one stays) stored per iteration
@@ -294,7 +310,7 @@ def backward_traffic(p: LaunchPlan, R: int, grad_element_size: Optional[int] = N
     each W tile once per batch chunk (again per element where Din is chunked), and V(r-1), g_s(r)
     once per (batch element, input tile, Din chunk).
     """
-    acc = 8 if p.element_size == 8 else 4
+    acc = _accumulator_size(p.element_size)
     size = p.element_size
     state = p.B * p.J * p.D
     passes = (R - 1) * _predictions_traffic(p, p.reduce_tiles) * size
@@ -335,14 +351,14 @@ def _shape(x: torch.Tensor, W: Optional[torch.Tensor]):
 def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: int, splits: Optional[int] = None):
     """Fused forward. x is u (B, I, K) with W, or u_hat (B, I, J, D) without.
 
-    Returns v (B, J, D) in x's dtype, and s(r), V(r-1) as (B, R, J, D) in the compute dtype.
+    Returns v (B, J, D) in x's dtype, and s(r), V(r-1) as (R, B, J, D) in the compute dtype.
     """
     p = plan_for(x, W, splits)
     B, J, D, R = p.B, p.J, p.D, num_iterations
     acc = accumulation_dtype(x.dtype)
     v = torch.empty(B, J, D, device=x.device, dtype=x.dtype)
-    s_saved = torch.empty(B, R, J, D, device=x.device, dtype=acc)
-    Vprev_saved = torch.empty(B, R, J, D, device=x.device, dtype=acc)
+    s_saved = torch.empty(R, B, J, D, device=x.device, dtype=acc)
+    Vprev_saved = torch.empty(R, B, J, D, device=x.device, dtype=acc)
     if B == 0:
         return v, s_saved, Vprev_saved
     cfg = p.cfg
@@ -357,13 +373,13 @@ def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: 
             kernel[grid](x, W_arg, v, s_saved, Vprev_saved, *args, **blocks)
             return v, s_saved, Vprev_saved
         # Small batch: one launch per iteration, the slices' partial sums combined in a fixed order.
-        partial = torch.empty(B, p.splits, J, D, device=x.device, dtype=acc)
+        partial = torch.empty(p.splits, B, J, D, device=x.device, dtype=acc)
         V = torch.zeros(B, J, D, device=x.device, dtype=acc)
         for r in range(R):
             kernel[grid](x, W_arg, v, partial, V, *args, **blocks)
-            s = partial.sum(dim=1)
-            s_saved[:, r] = s
-            Vprev_saved[:, r] = V
+            s = partial.sum(dim=0)
+            s_saved[r] = s
+            Vprev_saved[r] = V
             out = squash(s)
             V = V + out
         v.copy_(out)
@@ -393,16 +409,16 @@ def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, sp
         if p.reduce_splits == 1:
             reduce_kernel(x, W_arg, grad_v, s_saved, Vprev_saved, gs_saved, gs_saved, B, I, J, D, K, R, 0, 1, I, **blocks)
         else:
-            partial = torch.empty(B, p.reduce_splits, J, D, device=x.device, dtype=acc)
+            partial = torch.empty(p.reduce_splits, B, J, D, device=x.device, dtype=acc)
             g_v = grad_v.to(acc)
             A_suffix = torch.zeros_like(g_v)
             for r in reversed(range(R)):
-                gs = _squash_backward(s_saved[:, r], A_suffix + (g_v if r == R - 1 else 0))
-                gs_saved[:, r] = gs
+                gs = _squash_backward(s_saved[r], A_suffix + (g_v if r == R - 1 else 0))
+                gs_saved[r] = gs
                 if r > 0:
                     reduce_kernel(x, W_arg, grad_v, s_saved, Vprev_saved, gs_saved, partial, B, I, J, D, K, R, r,
                                   p.reduce_splits, p.reduce_i_per_split, **blocks)
-                    A_suffix = A_suffix + partial.sum(dim=1)
+                    A_suffix = A_suffix + partial.sum(dim=0)
         # Phase 2: per tile of input capsules, du (or du_hat) for every element and dW summed over the batch.
         dW_partial = torch.empty(p.chunks, *W.shape, device=x.device, dtype=acc) if has_w else x
         kernels._routing_backward_inputs_kernel[(p.input_tiles, p.k_chunks, p.chunks)](
@@ -456,7 +472,7 @@ def route_backward_op(
 def _fake_forward(x, W, num_iterations):
     B, _, J, D, _ = _shape(x, W)
     acc = accumulation_dtype(x.dtype)
-    saved = x.new_empty(B, num_iterations, J, D, dtype=acc)
+    saved = x.new_empty(num_iterations, B, J, D, dtype=acc)
     return x.new_empty(B, J, D), saved, torch.empty_like(saved)
 
 
@@ -493,8 +509,13 @@ def route(u_hat: torch.Tensor, num_iterations: int) -> torch.Tensor:
 
 def _shape_reason(x: torch.Tensor, W: Optional[torch.Tensor]) -> Optional[str]:
     _, _, J, D, K = _shape(x, W)
-    if W is not None and W.numel() >= 2**31:  # the kernels index W with 32-bit offsets
+    # The kernels address W, and a batch tile's samples from the tile's first, with 32-bit offsets.
+    if W is not None and W.numel() >= 2**31:
         return f"the triton backend supports W with fewer than 2**31 elements; got {W.numel()}"
+    per_sample = math.prod(x.shape[1:])
+    if per_sample * _MAX_BLOCK_B >= 2**31:
+        return (f"the triton backend supports inputs with fewer than {2**31 // _MAX_BLOCK_B} elements per sample; "
+                f"got {per_sample}")
     return size_limit_reason(J, D, K, x.element_size())
 
 

@@ -68,6 +68,19 @@ def test_float64_beyond_the_triton_register_budget_goes_to_the_cuda_kernels(pret
     assert name == "cuda" and "float64 up to 1024" in message
 
 
+def test_sizes_past_the_triton_kernels_32_bit_offsets_go_to_the_cuda_kernels(pretend):
+    """The Triton kernels address W, and the samples of a batch tile from its first, with 32-bit offsets."""
+    pretend(**GPU_READY)
+    huge_W = torch.empty(2**21, 16, 16, 4, device="meta")  # 2**31 elements
+    name, [message] = _choose("cuda", torch.empty(2, 2**21, 4, device="meta"), huge_W)
+    assert name == "cuda" and "W with fewer than 2**31 elements; got 2147483648" in message
+    # 2**27 elements per sample (I x J x Dout of route's predictions); one fewer is taken.
+    backends._announced.clear()  # the choice warns once
+    name, [message] = _choose("cuda", torch.empty(2, 2**19, 16, 16, device="meta"), None)
+    assert name == "cuda" and "fewer than 134217728 elements per sample; got 134217728" in message
+    assert _choose("cuda", torch.empty(2, 2**19 - 1, 16, 16, device="meta"), None)[0] == "triton"
+
+
 def test_cpu_tensors_get_the_extension_at_any_size(pretend):
     pretend(reasons={"cpu": None})
     assert _choose("cpu") == ("cpu", [])

@@ -54,7 +54,7 @@ def variants():
             blocks = tuple((arg, getattr(cfg, field)) for arg, field in pairs)
             options = cfg.gpu_options(options_name)
             for dtype in (d for d, size in ELEMENT_SIZES.items() if size == element_size):
-                key = (kernel, has_w, blocks, (options["num_warps"], options["maxnreg"]), dtype)
+                key = (kernel, has_w, blocks, tuple(sorted(options.items())), dtype)
                 if key not in seen:
                     seen.add(key)
                     yield key
@@ -67,7 +67,8 @@ def compile_one(key, arch):
 
     from capsrouting import _triton_kernels
 
-    kernel_name, has_w, blocks, (num_warps, maxnreg), dtype = key
+    kernel_name, has_w, blocks, options, dtype = key
+    options = dict(options)  # what the launcher passes: LaunchConfig.gpu_options
     fn = getattr(_triton_kernels, kernel_name)
     input_ptrs = KERNELS[kernel_name][0]
     constexprs = dict(blocks, HAS_W=has_w)
@@ -84,7 +85,7 @@ def compile_one(key, arch):
     log = io.StringIO()
     with contextlib.redirect_stdout(log):  # Triton prints ptxas's -v log here
         compiled = triton.compile(
-            ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, maxnreg=maxnreg)
+            ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32), options=options
         )
     text = log.getvalue()
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
@@ -92,7 +93,7 @@ def compile_one(key, arch):
     if not spills or not registers:
         raise RuntimeError(f"no ptxas report in the compile log (was the kernel cached?): {text[-500:]!r}")
     return dict(
-        kernel=kernel_name, arch=f"sm_{arch}", dtype=dtype, has_weights=has_w, num_warps=num_warps, **dict(blocks),
+        kernel=kernel_name, arch=f"sm_{arch}", dtype=dtype, has_weights=has_w, num_warps=options["num_warps"], **dict(blocks),
         registers=int(registers.group(1)), spill_bytes=int(spills.group(1)) + int(spills.group(2)),
         shared_bytes=compiled.metadata.shared,
     )
