@@ -25,15 +25,19 @@ _routing_forward_kernel
     Tiling: BLOCK_I input capsules at a time; the predictions tile is
     (BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D) in registers, built by a loop over K
     from a (BLOCK_B, BLOCK_I) column of u and a (BLOCK_I, BLOCK_J, BLOCK_D)
-    slice of W per k (plain FMAs: Din is too small for tl.dot's minimum of 16).
+    slice of W per k (plain FMAs: float32 stays IEEE float32), or for half
+    inputs (DOT_K > 0, BLOCK_I = 1, BLOCK_B = 16) by one tl.dot on tensor
+    cores, (BLOCK_B x DOT_K) @ (DOT_K x BLOCK_J * BLOCK_D) with Din padded to
+    DOT_K = 16 and float32 accumulation (operands staged in shared memory, the
+    result moved into the tile's layout through it).
     Registers: the predictions tile, V and s (BLOCK_B x BLOCK_J x BLOCK_D each);
     v is stored every iteration (the last stays) rather than carried.
     Saved for backward: s(r) and V(r-1) for every r, (R, B, J, D) each, so
     that a tile's block of row r is contiguous and addressed from one scalar base.
 _routing_backward_reduce_kernel
     grid (ceil(B / BLOCK_B), num_splits), phase 1 of §3, tiled like the
-    forward (its BLOCK_B is a separate launch-config field: it holds more
-    state, so it is the first to spill when batch tiles grow). For r = R..1 it turns the gradient G reaching v(r) into g_s(r)
+    forward but with half its batch tile (8 at the paper's sizes): it holds
+    one more state per element. For r = R..1 it turns the gradient G reaching v(r) into g_s(r)
     (squash backward, stored for phase 2) and, for r >= 2, adds
     A(r) = sum_i g_b(r)[i, j] u_hat[i, j], the gradient that flows into
     V(r-1), to G. Registers: the predictions tile, G, V(r-1), g_s(r).
@@ -112,9 +116,14 @@ def _split_range(split, i_per_split, I):
 @triton.jit
 def _batch_predictions_tile(
     x_ptr, W_ptr, b0, b_local, b_valid, i0, i_end, j_offs, d_offs, I, J, D, K,
-    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
+    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr, DOT_K: tl.constexpr,
 ):
     """u_hat[b0 + b_local, i0:i0+BLOCK_I, j_offs, d_offs] as a (BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D) tile.
+
+    DOT_K > 0 (half inputs, BLOCK_I == 1, BLOCK_B >= 16): one tl.dot, (BLOCK_B x DOT_K) @
+    (DOT_K x BLOCK_J * BLOCK_D), Din padded with zeros to DOT_K, on tensor cores with float32
+    accumulation (a product of two half numbers is exact in float32). Else plain FMAs, one k at
+    a time.
 
     Each W element is loaded once for the whole batch tile. Rows of padded or
     out-of-range b, of i at or past i_end, and padded j, d are zero.
@@ -128,7 +137,26 @@ def _batch_predictions_tile(
     j3 = j_offs[None, :, None]
     d3 = d_offs[None, None, :]
     ijd_mask = i_valid[:, None, None] & (j3 < J) & (d3 < D)
-    if HAS_W:
+    if HAS_W and DOT_K > 0:
+        tl.static_assert(BLOCK_I == 1)
+        BLOCK_J: tl.constexpr = j_offs.shape[0]
+        BLOCK_D: tl.constexpr = d_offs.shape[0]
+        k_offs = tl.arange(0, DOT_K)
+        k_valid = k_offs < K
+        u_rows = (x_ptr + (b0 * I + i0) * K) + b_local[:, None] * (I * K) + k_offs[None, :]
+        u_tile = tl.load(u_rows, mask=(b_valid[:, None] & i_valid[None, :]) & k_valid[None, :], other=0.0)
+        n = tl.arange(0, BLOCK_J * BLOCK_D)  # the output columns: (j, d) of W[i0]
+        n_j = n // BLOCK_D
+        n_d = n % BLOCK_D
+        n_valid = (n_j < J) & (n_d < D) & i_valid
+        w_cols = (W_ptr + i0 * J * D * K) + ((n_j * D + n_d) * K)[None, :] + k_offs[:, None]
+        w_tile = tl.load(w_cols, mask=k_valid[:, None] & n_valid[None, :], other=0.0)
+        if _INTERPRETING:  # the interpreter's dot reads bfloat16 as raw bits; float32 gives the same products
+            u_tile = u_tile.to(tl.float32)
+            w_tile = w_tile.to(tl.float32)
+        acc = tl.dot(u_tile, w_tile, out_dtype=tl.float32)
+        return tl.reshape(acc, (b_local.shape[0], 1, BLOCK_J, BLOCK_D)).to(ACC)
+    elif HAS_W:
         acc = tl.zeros((b_local.shape[0], BLOCK_I, j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
         u_base = x_ptr + (b0 * I + i0) * K
         u_offs = (b_local[:, None] * I + i_local[None, :]) * K
@@ -168,14 +196,14 @@ def _batch_logit_grad(u_hat, c, gs):
 @triton.jit
 def _batch_accumulate_s(
     x_ptr, W_ptr, b0, b_local, b_valid, V, i_begin, i_end, j_offs, d_offs, I, J, D, K,
-    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
+    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr, DOT_K: tl.constexpr,
 ):
     """Per batch element of the tile, sum over i in [i_begin, i_end) of c[i, j] u_hat[i, j]."""
     s = tl.zeros((b_local.shape[0], j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
     j_valid = (j_offs < J)[None, None, :]
     for i0 in range(_loop_bound(i_begin), _loop_bound(i_end), BLOCK_I):
         u_hat = _batch_predictions_tile(x_ptr, W_ptr, b0, b_local, b_valid, i0, i_end, j_offs, d_offs, I, J, D, K,
-                                        HAS_W, ACC, BLOCK_I)
+                                        HAS_W, ACC, BLOCK_I, DOT_K)
         c = _batch_coupling(u_hat, V, j_valid)
         s += tl.sum(c[:, :, :, None] * u_hat, axis=1)
     return s
@@ -190,7 +218,7 @@ def _batch_agreement_grad(
     j_valid = (j_offs < J)[None, None, :]
     for i0 in range(_loop_bound(i_begin), _loop_bound(i_end), BLOCK_I):
         u_hat = _batch_predictions_tile(x_ptr, W_ptr, b0, b_local, b_valid, i0, i_end, j_offs, d_offs, I, J, D, K,
-                                        HAS_W, ACC, BLOCK_I)
+                                        HAS_W, ACC, BLOCK_I, 0)
         g_b = _batch_logit_grad(u_hat, _batch_coupling(u_hat, Vp, j_valid), gs)
         A += tl.sum(g_b[:, :, :, None] * u_hat, axis=1)
     return A
@@ -256,6 +284,7 @@ def _routing_forward_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DOT_K: tl.constexpr,  # > 0: predictions by tl.dot with Din padded to DOT_K (half inputs); 0: FMAs
 ):
     split = tl.program_id(1).to(tl.int64)
     ACC: tl.constexpr = s_ptr.dtype.element_ty
@@ -266,7 +295,7 @@ def _routing_forward_kernel(
         for r in range(_loop_bound(R)):
             tl.store(_state_ptrs(Vprev_ptr, r, B, b0, J, D, bjd_offs), V, mask=bjd_mask)
             s = _batch_accumulate_s(x_ptr, W_ptr, b0, b_local, b_valid, V, 0, I, j_offs, d_offs, I, J, D, K,
-                                    HAS_W, ACC, BLOCK_I)
+                                    HAS_W, ACC, BLOCK_I, DOT_K)
             tl.store(_state_ptrs(s_ptr, r, B, b0, J, D, bjd_offs), s, mask=bjd_mask)
             v = _batch_squash(s, SQUASH_EPS)
             V += v
@@ -276,7 +305,7 @@ def _routing_forward_kernel(
         V = tl.load(_state_ptrs(Vprev_ptr, 0, B, b0, J, D, bjd_offs), mask=bjd_mask, other=0.0)
         i_begin, i_end = _split_range(split, i_per_split, I)
         s = _batch_accumulate_s(x_ptr, W_ptr, b0, b_local, b_valid, V, i_begin, i_end, j_offs, d_offs, I, J, D, K,
-                                HAS_W, ACC, BLOCK_I)
+                                HAS_W, ACC, BLOCK_I, DOT_K)
         tl.store(_state_ptrs(s_ptr, split, B, b0, J, D, bjd_offs), s, mask=bjd_mask)
 
 
@@ -373,7 +402,7 @@ def _routing_backward_inputs_kernel(
             u_hat = tl.sum(W_tile * u_b[:, None, None, :], axis=3)[None, :, :, :]
         else:
             u_hat = _batch_predictions_tile(x_ptr, W_ptr, b, one, one == 0, i0, I, j_offs, d_offs, I, J, D, K,
-                                            HAS_W, ACC, BLOCK_I)
+                                            HAS_W, ACC, BLOCK_I, 0)
         du_hat = tl.zeros((1, BLOCK_I, BLOCK_J, BLOCK_D), dtype=ACC)
         for r in range(_loop_bound(R)):
             state = (r * B + b) * J * D

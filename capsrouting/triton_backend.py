@@ -37,6 +37,7 @@ _INPUTS_LARGE_JD = 1024
 # (each is compiled and checked for spills ahead of time); padded lanes are masked.
 _MIN_BLOCK_J, _MIN_BLOCK_D, _MIN_BLOCK_K = 16, 8, 4
 _MAX_BLOCK_I = 16
+_MIN_DOT = 16  # tl.dot's smallest M and K
 # Batch elements per program of the forward and backward phase 1: each W tile loaded serves all.
 _MAX_BLOCK_B = 16
 # Batch chunks of the input-gradient kernel: each holds a partial dW, so keep them few.
@@ -112,6 +113,7 @@ class LaunchConfig:
     BLOCK_B: int
     BLOCK_I: int
     num_warps: int
+    DOT_K: int  # > 0: the forward's predictions by tl.dot, Din padded to DOT_K (half inputs); 0: FMAs
     # Backward phase 1: likewise, with half the forward's registers per state tensor (it holds more).
     REDUCE_BLOCK_B: int
     REDUCE_BLOCK_I: int
@@ -156,6 +158,8 @@ def launch_config(J: int, D: int, K: int, element_size: int = 4) -> LaunchConfig
     block_d = max(_MIN_BLOCK_D, _next_pow2(D))
     jd = block_j * block_d * scale  # registers of one element's J x D state, over all threads
     forward = _batch_tiling(jd, _FORWARD_STATE_REGISTERS)
+    # tl.dot needs 16 rows and a K of 16; float32 stays on FMAs (IEEE float32, never TF32).
+    dot_k = max(_MIN_DOT, _next_pow2(K)) if element_size == 2 and K and forward[0] >= _MIN_DOT else 0
     reduce = _batch_tiling(jd, _REDUCE_STATE_REGISTERS)
     crowded = element_size == 2 or block_j * block_d > _INPUTS_LARGE_JD
     tile_registers = _INPUTS_TILE_REGISTERS_CROWDED if crowded else _INPUTS_TILE_REGISTERS
@@ -171,7 +175,7 @@ def launch_config(J: int, D: int, K: int, element_size: int = 4) -> LaunchConfig
         block_k = 1
         inputs_block_i = _clamp(_MIN_WARPS * 32 * _REDUCE_STATE_REGISTERS // jd, 1, _MAX_BLOCK_I)
         inputs_warps = _clamp(-(-inputs_block_i * jd // (32 * _REDUCE_STATE_REGISTERS)), _MIN_WARPS, _MAX_WARPS)
-    return LaunchConfig(block_j, block_d, *forward, *reduce, inputs_block_i, block_k, bool(K) and block_k >= K,
+    return LaunchConfig(block_j, block_d, *forward, dot_k, *reduce, inputs_block_i, block_k, bool(K) and block_k >= K,
                         inputs_warps)
 
 
@@ -366,7 +370,7 @@ def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: 
     kernel = _kernels()._routing_forward_kernel
     args = (B, p.I, J, D, p.K, R, p.splits, p.i_per_split)
     blocks = dict(HAS_W=W is not None, BLOCK_B=cfg.BLOCK_B, BLOCK_I=cfg.BLOCK_I, BLOCK_J=cfg.BLOCK_J,
-                  BLOCK_D=cfg.BLOCK_D, **cfg.compile_options())
+                  BLOCK_D=cfg.BLOCK_D, DOT_K=cfg.DOT_K, **cfg.compile_options())
     grid = (p.batch_tiles, p.splits)
     with _device_guard(x):
         if p.splits == 1:

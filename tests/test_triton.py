@@ -35,6 +35,7 @@ SHAPES = {
     "largest": (2, 19, 16, 64, 32, 2),
     "non_pow2": (2, 23, 5, 33, 17, 3),
     "non_pow2_small": (2, 23, 5, 20, 17, 3),  # within the float64 limit
+    "two_batch_tiles": (17, 29, 3, 10, 16, 2),  # half inputs: tl.dot over Din padded from 3 to 16
 }
 
 
@@ -59,9 +60,21 @@ def test_float64_matches_reference(shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", _case_ids(["B1", "non_pow2"]))
+@pytest.mark.parametrize("shape", _case_ids(["B1", "non_pow2", "two_batch_tiles"]))
 def test_half_types_within_twice_the_reference_error(shape, dtype):
     assert_matches_reference("triton", *shape, dtype=dtype, device=DEVICE)
+
+
+def test_only_half_inputs_build_predictions_with_tl_dot():
+    """The forward's tl.dot path (tensor cores, float32 accumulation) runs for half inputs where a batch
+    tile has 16 elements, as in the half-type cases above; float32 and float64 stay on FMAs."""
+    from capsrouting.triton_backend import launch_config
+
+    for _, _, Din, J, Dout, _ in (SHAPES["B1"], SHAPES["two_batch_tiles"]):
+        assert launch_config(J, Dout, Din, 2).DOT_K == 16
+        assert launch_config(J, Dout, Din, 4).DOT_K == 0 and launch_config(J, Dout, Din, 8).DOT_K == 0
+    _, _, Din, J, Dout, _ = SHAPES["non_pow2"]
+    assert launch_config(J, Dout, Din, 2).DOT_K == 0  # batch tiles of 2: below tl.dot's 16 rows
 
 
 # The interpreter rounds float32 -> bfloat16 toward zero (up to one unit in the last place,
