@@ -3,7 +3,8 @@
 A fused backend defines two custom ops per entry point:
 
 * forward ``(x, [W,] num_iterations) -> (v, s_saved, Vprev_saved)``, where the
-  two saved tensors (B, R, J, D) hold s(r) and V(r-1) of DESIGN.md §3;
+  two saved tensors hold s(r) and V(r-1) of DESIGN.md §3 in the backend's own layout
+  ((B, R, J, D) for the C++/CUDA extension, (R, B, J, D) for Triton);
 * backward ``(grad_v, x, [W,] s_saved, Vprev_saved, num_iterations) -> dx[, dW]``.
 
 ``forward_op`` is the op itself or its qualified name ("capsrouting::..."), ``backward_op``
