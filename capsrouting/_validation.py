@@ -5,17 +5,19 @@ SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = "float64, float32, float16 or bfloat16"
 
 
-def _check_tensor(name: str, t, rank: int, layout: str) -> None:
+def _check_tensor(name: str, t, rank: int, layout: str, leading: bool = False) -> None:
+    """t a tensor of a supported dtype with ``rank`` dims (at least ``rank`` with ``leading`` dims)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
-    if t.dim() != rank:
-        raise ValueError(f"{name} must have shape {layout} ({rank} dims), got shape {tuple(t.shape)}")
+    if t.dim() < rank if leading else t.dim() != rank:
+        dims = f"at least {rank}" if leading else f"{rank}"
+        raise ValueError(f"{name} must have shape {layout} ({dims} dims), got shape {tuple(t.shape)}")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must have dtype {_DTYPE_NAMES}, got {t.dtype}")
 
 
 def _check_nonempty(name: str, t: torch.Tensor, layout: str, dims) -> None:
-    # B may be 0; the capsule counts and sizes may not.
+    # The leading (batch) dims may be 0; the capsule counts and sizes may not.
     for d in dims:
         if t.shape[d] == 0:
             raise ValueError(
@@ -31,20 +33,22 @@ def check_num_iterations(num_iterations) -> None:
         raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
 
 
-def check_capsule_routing_args(u, W, num_iterations) -> None:
-    """u (B, I, Din) and W (I, J, Dout, Din): same dtype and device, matching I and Din."""
-    _check_tensor("u", u, 3, "(B, I, Din)")
+def check_capsule_routing_args(u, W, num_iterations, leading_dims: bool = True) -> None:
+    """u (..., I, Din) and W (I, J, Dout, Din): same dtype and device, matching I and Din.
+    Without ``leading_dims`` (a backend's op) u must be (B, I, Din)."""
+    layout = "(..., I, Din)" if leading_dims else "(B, I, Din)"
+    _check_tensor("u", u, 2 if leading_dims else 3, layout, leading=leading_dims)
     _check_tensor("W", W, 4, "(I, J, Dout, Din)")
-    _check_nonempty("u", u, "(B, I, Din)", (1, 2))
+    _check_nonempty("u", u, layout, (-2, -1))
     _check_nonempty("W", W, "(I, J, Dout, Din)", (0, 1, 2, 3))
-    if u.shape[1] != W.shape[0]:
+    if u.shape[-2] != W.shape[0]:
         raise ValueError(
-            f"W must have shape (I, J, Dout, Din) with I = u.shape[1] = {u.shape[1]}, "
+            f"W must have shape (I, J, Dout, Din) with I = u.shape[-2] = {u.shape[-2]}, "
             f"got W of shape {tuple(W.shape)}"
         )
-    if u.shape[2] != W.shape[3]:
+    if u.shape[-1] != W.shape[3]:
         raise ValueError(
-            f"W must have shape (I, J, Dout, Din) with Din = u.shape[2] = {u.shape[2]}, "
+            f"W must have shape (I, J, Dout, Din) with Din = u.shape[-1] = {u.shape[-1]}, "
             f"got W of shape {tuple(W.shape)}"
         )
     if u.dtype != W.dtype:
@@ -54,11 +58,30 @@ def check_capsule_routing_args(u, W, num_iterations) -> None:
     check_num_iterations(num_iterations)
 
 
-def check_route_args(u_hat, num_iterations) -> None:
-    """u_hat (B, I, J, D)."""
-    _check_tensor("u_hat", u_hat, 4, "(B, I, J, D)")
-    _check_nonempty("u_hat", u_hat, "(B, I, J, D)", (1, 2, 3))
+def check_route_args(u_hat, num_iterations, leading_dims: bool = True) -> None:
+    """u_hat (..., I, J, D); without ``leading_dims`` (a backend's op), (B, I, J, D)."""
+    layout = "(..., I, J, D)" if leading_dims else "(B, I, J, D)"
+    _check_tensor("u_hat", u_hat, 3 if leading_dims else 4, layout, leading=leading_dims)
+    _check_nonempty("u_hat", u_hat, layout, (-3, -2, -1))
     check_num_iterations(num_iterations)
+
+
+def check_routing_options(x, I, J, D, bias, logit_prior, leaky, detach_inner, return_couplings) -> None:
+    """The options of DESIGN.md §6 for input x (u or u_hat) of I inputs routed to J capsules of D dims:
+    ``bias`` (J, D) and ``logit_prior`` (I, J) None or tensors of x's dtype and device, the rest bools."""
+    for name, t, shape, layout in (("bias", bias, (J, D), "(J, Dout)"), ("logit_prior", logit_prior, (I, J), "(I, J)")):
+        if t is None:
+            continue
+        _check_tensor(name, t, 2, layout)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {layout} = {shape}, got shape {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have the dtype of the routed input, {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the device of the routed input, {x.device}, got {t.device}")
+    for name, flag in (("leaky", leaky), ("detach_inner", detach_inner), ("return_couplings", return_couplings)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
 
 
 def check_squash_args(s, dim) -> None:

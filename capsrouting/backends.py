@@ -1,7 +1,10 @@
 """Which routing backend runs: the registry, availability probes and the automatic choice.
 
 Every backend implements the same two entry points on validated input:
-``capsule_routing(u, W, num_iterations)`` and ``route(u_hat, num_iterations)``.
+``capsule_routing(u, W, num_iterations)`` and ``route(u_hat, num_iterations)``, u (B, I, Din)
+and u_hat (B, I, J, D) with one leading dim. A backend that supports routing options
+(DESIGN.md §6) lists them in ``options`` and takes them as a further argument, a
+:class:`~capsrouting.functional.RoutingOptions`, when any is on.
 An automatic choice falls back quietly to the next backend (and warns once when
 a preferred one is missing); an explicitly requested backend that cannot run
 raises ``ValueError`` naming what is missing.
@@ -9,7 +12,7 @@ raises ``ValueError`` naming what is missing.
 import dataclasses
 import logging
 import warnings
-from typing import Callable, Optional, Tuple
+from typing import Callable, FrozenSet, Optional, Tuple
 
 import torch
 
@@ -28,6 +31,15 @@ class Backend:
     route: Callable
     # (x, W or None) -> None if this backend handles the shape, else why not.
     shape_reason: Callable = lambda x, W: None
+    # The routing options (DESIGN.md §6) it runs; any other that is on sends the call elsewhere.
+    options: FrozenSet[str] = frozenset()
+
+    def options_reason(self, active: Tuple[str, ...]) -> Optional[str]:
+        """None if this backend runs with the options ``active`` on, else why not."""
+        missing = [name for name in active if name not in self.options]
+        if not missing:
+            return None
+        return f"the {self.name} backend does not support {', '.join(missing)} (DESIGN.md §6) yet"
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,16 +108,18 @@ def _announce_once(key, message: str, warn: bool) -> None:
         return
     _announced.add(key)
     if warn:
-        warnings.warn(message, RuntimeWarning, stacklevel=5)
+        warnings.warn(message, RuntimeWarning, stacklevel=6)  # the caller of capsule_routing or route
     else:
         logger.info(message)
 
 
-def choose_automatically(device_type: str, x: torch.Tensor, W: Optional[torch.Tensor] = None) -> Backend:
+def choose_automatically(device_type: str, x: torch.Tensor, W: Optional[torch.Tensor] = None,
+                         options: Tuple[str, ...] = ()) -> Backend:
     """What ``backend="auto"`` runs for a problem shaped like ``x`` (u, or u_hat when ``W``
-    is None) on tensors of ``device_type``: the first backend of the preference order that is
-    available, runs on that device type and covers the shape. Only shapes and dtypes of ``x``
-    and ``W`` are read, so meta tensors describe a problem without allocating it.
+    is None) on tensors of ``device_type`` with the routing ``options`` on: the first backend of
+    the preference order that is available, runs on that device type and covers the shape and
+    options. Only shapes and dtypes of ``x`` and ``W`` are read, so meta tensors describe a
+    problem without allocating it.
 
     Skipping a backend that exists but cannot run here warns once per (device type, choice).
     """
@@ -119,6 +133,8 @@ def choose_automatically(device_type: str, x: torch.Tensor, W: Optional[torch.Te
         if reason is None:
             reason = _REGISTRY[name].shape_reason(x, W)
         if reason is None:
+            reason = _REGISTRY[name].options_reason(options)
+        if reason is None:
             if skipped:
                 why = "; ".join(f"'{n}': {r}" for n, r in skipped)
                 _announce_once((device_type, name), f"capsrouting: using backend '{name}' for {device_type} tensors ({why})", warn=True)
@@ -129,13 +145,13 @@ def choose_automatically(device_type: str, x: torch.Tensor, W: Optional[torch.Te
     raise ValueError(f"no backend runs on {device_type} tensors; backends: {_describe_choices()}")
 
 
-def resolve(backend: str, x: torch.Tensor, W: Optional[torch.Tensor] = None) -> Backend:
-    """The backend that runs for input ``x`` (u, or u_hat when ``W`` is None)."""
+def resolve(backend: str, x: torch.Tensor, W: Optional[torch.Tensor] = None, options: Tuple[str, ...] = ()) -> Backend:
+    """The backend that runs for input ``x`` (u, or u_hat when ``W`` is None) with ``options`` on."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string such as 'auto' or 'torch', got {backend!r}")
     device = x.device
     if backend == "auto":
-        return choose_automatically(device.type, x, W)
+        return choose_automatically(device.type, x, W, options)
     reason = unavailable_reason(backend)
     if reason is not None:
         raise ValueError(
@@ -147,7 +163,7 @@ def resolve(backend: str, x: torch.Tensor, W: Optional[torch.Tensor] = None) -> 
             f"backend '{backend}' runs on {', '.join(selected.device_types())} tensors, "
             f"got tensors on {device}; backends: {_describe_choices()}"
         )
-    reason = selected.shape_reason(x, W)
+    reason = selected.shape_reason(x, W) or selected.options_reason(options)
     if reason is not None:
         raise ValueError(f"backend '{backend}' cannot run this problem: {reason}")
     return selected

@@ -36,12 +36,12 @@ def _ops_ready() -> Optional[str]:
     # meta tensor among CPU ones dispatches here and must not return a result on the wrong device.
     @torch.library.register_fake("capsrouting::capsule_routing_ext")
     def _(u, W, num_iterations):
-        check_capsule_routing_args(u, W, num_iterations)
+        check_capsule_routing_args(u, W, num_iterations, leading_dims=False)
         return _fake_forward(u, W.shape[1], W.shape[2], num_iterations)
 
     @torch.library.register_fake("capsrouting::route_ext")
     def _(u_hat, num_iterations):
-        check_route_args(u_hat, num_iterations)
+        check_route_args(u_hat, num_iterations, leading_dims=False)
         return _fake_forward(u_hat, u_hat.shape[2], u_hat.shape[3], num_iterations)
 
     torch.library.register_fake("capsrouting::capsule_routing_ext_backward")(

@@ -7,12 +7,14 @@ computed with float32 accumulation by every backend, so this is the precision au
 asks for at no loss of accuracy in the sums. The cast is differentiable, so gradients
 reach float32 parameters in float32. Outside autocast, mixed dtypes raise ``TypeError``.
 """
-from typing import Tuple
+import contextlib
+import dataclasses
+from typing import Optional, Tuple
 
 import torch
 
 from . import backends, reference
-from ._validation import check_capsule_routing_args, check_route_args, check_squash_args
+from ._validation import check_capsule_routing_args, check_route_args, check_routing_options, check_squash_args
 
 
 def autocast_dtype(t: torch.Tensor):
@@ -41,40 +43,116 @@ def _no_autocast(t: torch.Tensor):
     return torch.autocast(t.device.type, enabled=False)
 
 
-def capsule_routing(u: torch.Tensor, W: torch.Tensor, num_iterations: int = 3, *, backend: str = "auto") -> torch.Tensor:
-    """Predictions ``u_hat[b,i,j] = W[i,j] @ u[b,i]`` and dynamic routing, in one op.
+@dataclasses.dataclass(frozen=True, eq=False)
+class RoutingOptions:
+    """The routing options of DESIGN.md §6, as a backend that supports them receives them."""
+
+    bias: Optional[torch.Tensor] = None
+    logit_prior: Optional[torch.Tensor] = None
+    leaky: bool = False
+    detach_inner: bool = False
+    return_couplings: bool = False
+
+    def active(self) -> Tuple[str, ...]:
+        """Names of the options that are on."""
+        return tuple(f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None
+                     and getattr(self, f.name) is not False)
+
+
+_OPTIONS_DOC = """
+        bias: (J, Dout), added to ``s`` before the squash in every iteration (the official
+            TensorFlow code's); differentiable. Same dtype and device as the input.
+        logit_prior: (I, J), the initial routing logits, shared by the batch (adambielski's
+            learned ``b``); differentiable.
+        leaky: an extra zero logit in every softmax, ``c = exp(b) / (1 + sum_k exp(b_k))``
+            (the official code's leaky routing).
+        detach_inner: the predictions are detached in every iteration but the last, so
+            gradients reach them only through it (XifengGuo's, danielhavir's, naturomics').
+        return_couplings: also return ``c``, the last iteration's coupling coefficients,
+            (..., I, J) in the dtype of ``v``. ``c`` carries no gradient: it is detached.
+        backend: "auto" or one of :func:`capsrouting.available_backends`. A backend that does
+            not support an option that is on is skipped by "auto" (with one warning) and
+            raises ``ValueError`` when asked for."""
+
+
+def _run(backend: str, entry: str, x: torch.Tensor, W, num_iterations: int, options: RoutingOptions, autocasting: bool):
+    """Resolve the backend and run ``entry`` on x with its leading dims flattened into one batch dim."""
+    inner = 2 if W is not None else 3  # (I, Din) or (I, J, D)
+    lead = x.shape[:-inner]
+    flat = x.reshape(-1, *x.shape[-inner:])
+    chosen = backends.resolve(backend, flat, W, options.active())
+    args = (flat, W, num_iterations) if W is not None else (flat, num_iterations)
+    if options.active():
+        args = args + (options,)
+    with _no_autocast(x) if autocasting else contextlib.nullcontext():
+        out = getattr(chosen, entry)(*args)
+    if options.return_couplings:
+        v, c = out
+        return v.reshape(*lead, *v.shape[1:]), c.reshape(*lead, *c.shape[1:])
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def capsule_routing(
+    u: torch.Tensor,
+    W: torch.Tensor,
+    num_iterations: int = 3,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    logit_prior: Optional[torch.Tensor] = None,
+    leaky: bool = False,
+    detach_inner: bool = False,
+    return_couplings: bool = False,
+    backend: str = "auto",
+):
+    """Predictions ``u_hat[..., i, j] = W[i, j] @ u[..., i]`` and dynamic routing, in one op.
 
     Args:
-        u: input capsules, (B, I, Din).
+        u: input capsules, (..., I, Din): any leading dims (a batch, the positions of a
+            convolutional capsule layer), each routed independently.
         W: transformation matrices, (I, J, Dout, Din), same dtype and device as ``u``
-            (inside ``torch.autocast`` both are cast to the autocast dtype).
-        num_iterations: routing iterations R >= 1 (the paper uses 3).
-        backend: "auto" or one of :func:`capsrouting.available_backends`.
+            (inside ``torch.autocast`` both are cast to the autocast dtype, as are the options).
+        num_iterations: routing iterations R >= 1 (the paper uses 3).""" + _OPTIONS_DOC + """
 
     Returns:
-        v: output capsules, (B, J, Dout), in the dtype of ``u`` (the autocast dtype inside autocast).
+        v: output capsules, (..., J, Dout), in the dtype of ``u`` (the autocast dtype inside
+        autocast); ``(v, c)`` with ``return_couplings``.
     """
-    (u, W), autocasting = _cast_for_autocast(u, W)
+    (u, W, bias, logit_prior), autocasting = _cast_for_autocast(u, W, bias, logit_prior)
     check_capsule_routing_args(u, W, num_iterations)
-    chosen = backends.resolve(backend, u, W)
-    if autocasting:
-        with _no_autocast(u):
-            return chosen.capsule_routing(u, W, num_iterations)
-    return chosen.capsule_routing(u, W, num_iterations)
+    I, J, D, _ = W.shape
+    check_routing_options(u, I, J, D, bias, logit_prior, leaky, detach_inner, return_couplings)
+    options = RoutingOptions(bias, logit_prior, leaky, detach_inner, return_couplings)
+    return _run(backend, "capsule_routing", u, W, num_iterations, options, autocasting)
 
 
-def route(u_hat: torch.Tensor, num_iterations: int = 3, *, backend: str = "auto") -> torch.Tensor:
-    """Dynamic routing on given predictions ``u_hat`` (B, I, J, D); returns v (B, J, D).
+def route(
+    u_hat: torch.Tensor,
+    num_iterations: int = 3,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    logit_prior: Optional[torch.Tensor] = None,
+    leaky: bool = False,
+    detach_inner: bool = False,
+    return_couplings: bool = False,
+    backend: str = "auto",
+):
+    """Dynamic routing on given predictions ``u_hat`` (..., I, J, D); returns v (..., J, D).
 
-    Inside ``torch.autocast``, ``u_hat`` is cast to the autocast dtype, as is the result.
+    Args:
+        u_hat: predictions, (..., I, J, D), any leading dims, each routed independently.
+            Inside ``torch.autocast`` it is cast to the autocast dtype, as are the result and
+            the options.
+        num_iterations: routing iterations R >= 1.""" + _OPTIONS_DOC.replace("(J, Dout)", "(J, D)") + """
+
+    Returns:
+        v (..., J, D), or ``(v, c)`` with ``return_couplings``.
     """
-    (u_hat,), autocasting = _cast_for_autocast(u_hat)
+    (u_hat, bias, logit_prior), autocasting = _cast_for_autocast(u_hat, bias, logit_prior)
     check_route_args(u_hat, num_iterations)
-    chosen = backends.resolve(backend, u_hat)
-    if autocasting:
-        with _no_autocast(u_hat):
-            return chosen.route(u_hat, num_iterations)
-    return chosen.route(u_hat, num_iterations)
+    I, J, D = u_hat.shape[-3:]
+    check_routing_options(u_hat, I, J, D, bias, logit_prior, leaky, detach_inner, return_couplings)
+    options = RoutingOptions(bias, logit_prior, leaky, detach_inner, return_couplings)
+    return _run(backend, "route", u_hat, None, num_iterations, options, autocasting)
 
 
 def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:

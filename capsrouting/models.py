@@ -96,6 +96,8 @@ class CapsNet(nn.Module):
         num_iterations: routing iterations between primary and digit capsules.
         reconstruction: build the decoder and return reconstructions.
         backend: routing backend passed to :class:`~capsrouting.layer.CapsuleLayer`.
+        routing_bias: the digit capsules' routing adds a learned bias to ``s`` in every
+            iteration, initialised to 0.1, as the official TensorFlow code does (DESIGN.md §6).
 
     ``forward(x, labels=None)`` takes x (B, 1, S, S) floating point with pixels in
     [0, 1] and optional labels (B,) int64, and returns a :class:`CapsNetOutput`.
@@ -118,6 +120,7 @@ class CapsNet(nn.Module):
         num_iterations: int = 3,
         reconstruction: bool = True,
         backend: str = "auto",
+        routing_bias: bool = False,
     ):
         super().__init__()
         # Two unpadded 9x9 convolutions need at least 17 pixels for a 1x1 capsule grid.
@@ -126,6 +129,8 @@ class CapsNet(nn.Module):
         check_num_iterations(num_iterations)
         if not isinstance(reconstruction, bool):
             raise TypeError(f"reconstruction must be a bool, got {type(reconstruction).__name__}")
+        if not isinstance(routing_bias, bool):
+            raise TypeError(f"routing_bias must be a bool, got {type(routing_bias).__name__}")
 
         self.input_size = input_size
         self.num_classes = num_classes
@@ -137,7 +142,8 @@ class CapsNet(nn.Module):
         # squash is the non-linearity of this layer.
         self.primary_caps = nn.Conv2d(256, PRIMARY_CHANNELS * PRIMARY_DIM, kernel_size=9, stride=2)
         self.digit_caps = CapsuleLayer(
-            self.num_primary_caps, PRIMARY_DIM, num_classes, DIGIT_DIM, num_iterations=num_iterations, backend=backend
+            self.num_primary_caps, PRIMARY_DIM, num_classes, DIGIT_DIM, num_iterations=num_iterations, backend=backend,
+            bias=routing_bias,
         )
         if reconstruction:
             self.decoder = nn.Sequential(

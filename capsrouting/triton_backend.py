@@ -451,6 +451,7 @@ def _squash_backward(s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("capsrouting::capsule_routing_triton", mutates_args=())
 def capsule_routing_op(u: torch.Tensor, W: torch.Tensor, num_iterations: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_capsule_routing_args(u, W, num_iterations, leading_dims=False)  # the op may be called directly
     return routing_forward(u, W, num_iterations)
 
 
@@ -463,6 +464,7 @@ def capsule_routing_backward_op(
 
 @torch.library.custom_op("capsrouting::route_triton", mutates_args=())
 def route_op(u_hat: torch.Tensor, num_iterations: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_route_args(u_hat, num_iterations, leading_dims=False)
     return routing_forward(u_hat, None, num_iterations)
 
 
@@ -482,13 +484,13 @@ def _fake_forward(x, W, num_iterations):
 
 @capsule_routing_op.register_fake
 def _(u, W, num_iterations):
-    check_capsule_routing_args(u, W, num_iterations)  # as the real op's callers are checked
+    check_capsule_routing_args(u, W, num_iterations, leading_dims=False)  # as the real op checks
     return _fake_forward(u, W, num_iterations)
 
 
 @route_op.register_fake
 def _(u_hat, num_iterations):
-    check_route_args(u_hat, num_iterations)
+    check_route_args(u_hat, num_iterations, leading_dims=False)
     return _fake_forward(u_hat, None, num_iterations)
 
 capsule_routing_backward_op.register_fake(lambda grad_v, u, W, s, V, n: (torch.empty_like(u), torch.empty_like(W)))

@@ -80,10 +80,10 @@ _u, _W = torch.randn(2, 5, 3), torch.randn(5, 4, 6, 3)
 
 # (id, call(backend), exception, message): every bad input of the API contract, for any backend.
 BAD_INPUT_CASES = [
-    ("u_rank", _routing(torch.randn(2, 5), _W), ValueError, r"u must have shape \(B, I, Din\)"),
+    ("u_rank", _routing(torch.randn(5), _W), ValueError, r"u must have shape \(\.\.\., I, Din\) \(at least 2 dims\)"),
     ("W_rank", _routing(_u, torch.randn(5, 4, 6)), ValueError, r"W must have shape \(I, J, Dout, Din\)"),
-    ("I_mismatch", _routing(_u, torch.randn(6, 4, 6, 3)), ValueError, r"I = u.shape\[1\] = 5"),
-    ("Din_mismatch", _routing(_u, torch.randn(5, 4, 6, 2)), ValueError, r"Din = u.shape\[2\] = 3"),
+    ("I_mismatch", _routing(_u, torch.randn(6, 4, 6, 3)), ValueError, r"I = u.shape\[-2\] = 5"),
+    ("Din_mismatch", _routing(_u, torch.randn(5, 4, 6, 2)), ValueError, r"Din = u.shape\[-1\] = 3"),
     ("int_u", _routing(torch.ones(2, 5, 3, dtype=torch.int64), _W), TypeError, "u must have dtype"),
     ("int_W", _routing(_u, torch.ones(5, 4, 6, 3, dtype=torch.int32)), TypeError, "W must have dtype"),
     ("mixed_dtype", _routing(_u, _W.double()), TypeError, "same dtype"),
@@ -92,7 +92,7 @@ BAD_INPUT_CASES = [
     ("float_iterations", _routing(_u, _W, 2.0), TypeError, "num_iterations must be an int"),
     ("empty_J", _routing(_u, torch.randn(5, 0, 6, 3)), ValueError, "every dimension but the batch"),
     ("u_not_a_tensor", _routing([[1.0]], _W), TypeError, "u must be a torch.Tensor"),
-    ("route_rank", _route(torch.randn(2, 5, 3)), ValueError, r"u_hat must have shape \(B, I, J, D\)"),
+    ("route_rank", _route(torch.randn(5, 3)), ValueError, r"u_hat must have shape \(\.\.\., I, J, D\) \(at least 3 dims\)"),
     ("route_int", _route(torch.ones(2, 5, 3, 4, dtype=torch.int32)), TypeError, "u_hat must have dtype"),
     ("route_negative_iterations", _route(torch.randn(2, 5, 3, 4), -1), ValueError, "num_iterations"),
 ]
