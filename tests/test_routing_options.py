@@ -217,3 +217,20 @@ def test_compiled_layer_with_options_matches_eager():
     (g_compiled,) = torch.autograd.grad(compiled(u).sum(), layer.bias)
     (g_eager,) = torch.autograd.grad(layer(u).sum(), layer.bias)
     torch.testing.assert_close(g_compiled, g_eager)
+
+
+@pytest.mark.parametrize("backend", [n for n in ("cpu", "triton") if n in capsrouting.available_backends()
+                                     and "cpu" in backends.get(n).device_types()])
+def test_fused_backends_take_leading_dimensions(backend):
+    """Leading dims are flattened into the batch before any backend runs: values and gradients equal a flat call."""
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(7, 3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    v = capsrouting.capsule_routing(u, W, 2, backend=backend)
+    assert v.shape == (2, 3, 3, 5)
+    du, dW = torch.autograd.grad(v.square().sum(), (u, W))
+    v_flat = capsrouting.capsule_routing(u.reshape(6, 7, 4), W, 2, backend="torch")
+    du_flat, dW_flat = torch.autograd.grad(v_flat.square().sum(), (u, W))
+    torch.testing.assert_close(v, v_flat.reshape(2, 3, 3, 5), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(du, du_flat, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dW, dW_flat, rtol=1e-10, atol=1e-12)
