@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=["capsnet", "baseline"], default="capsnet")
     p.add_argument("--iterations", type=int, default=3, help="routing iterations (CapsNet)")
     p.add_argument("--no-reconstruction", action="store_true", help="CapsNet without the decoder and its loss")
+    p.add_argument("--routing-bias", action="store_true",
+                   help="CapsNet's digit capsules learn a bias on s, as the official TensorFlow code does")
     p.add_argument("--backend", default="auto", help="routing backend: auto, torch, cpu, cuda, triton")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=128, help="per process")
@@ -101,7 +103,7 @@ def parse_args(argv=None):
 # checkpoints written before the option existed.)
 RESUME_MUST_MATCH = dict(model=None, iterations=None, no_reconstruction=None, canvas=None, shift=None, seed=None,
                          batch_size=None, train_subset=None, max_steps=None, reconstruction_weight=None,
-                         val_size=0, amp="off")
+                         val_size=0, amp="off", routing_bias=False)
 
 
 def check_resumable(saved: dict, config: dict, path: Path) -> None:
@@ -119,7 +121,8 @@ def build_model(config: dict) -> nn.Module:
     if config["model"] == "baseline":
         return BaselineCNN(input_size=size)
     return CapsNet(input_size=size, num_iterations=config["iterations"],
-                   reconstruction=not config["no_reconstruction"], backend=config["backend"])
+                   reconstruction=not config["no_reconstruction"], backend=config["backend"],
+                   routing_bias=config.get("routing_bias", False))
 
 
 def prepare_images(images_uint8: torch.Tensor, canvas: Optional[int], shift: int, generator: Optional[torch.Generator]):

@@ -45,6 +45,20 @@ def test_resumed_run_ends_with_the_same_weights(mnist_dir, tmp_path):
         assert torch.equal(value, resumed["model"][name]), name
 
 
+def test_routing_bias_trains_the_official_digit_bias_and_must_match_on_resume(mnist_dir, tmp_path, capsys):
+    _train(mnist_dir, tmp_path, "--routing-bias", "--epochs", "1", "--max-steps", "2", "--no-reconstruction")
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    bias = state["model"]["digit_caps.bias"]
+    assert bias.shape == (10, 16) and not torch.equal(bias, torch.full_like(bias, 0.1))  # it learned
+    model, _ = evaluate.load_checkpoint(tmp_path / "last.pt", "cpu")
+    assert model.digit_caps.bias is not None
+    capsys.readouterr()
+    status = train.main(["--data-dir", str(mnist_dir), "--train-subset", "256", "--val-size", "200", "--batch-size", "32",
+                         "--epochs", "2", "--max-steps", "2", "--no-reconstruction", "--out-dir", str(tmp_path),
+                         "--no-progress", "--resume"])
+    assert status != 0 and "was trained with --routing-bias True, this run asks for False" in capsys.readouterr().err
+
+
 def test_canvas_training_and_the_affine_table(mnist_dir, tmp_path, capsys):
     _train(mnist_dir, tmp_path, "--canvas", "40", "--epochs", "1", "--max-steps", "2", "--no-reconstruction")
     assert evaluate.main([str(tmp_path / "last.pt"), "--data-dir", str(mnist_dir), "--affine", "--test-subset", "100"]) == 0
