@@ -2,10 +2,13 @@
 
 A fused backend defines two custom ops per entry point:
 
-* forward ``(x, [W,] num_iterations) -> (v, s_saved, Vprev_saved)``, where the
+* forward ``(x, [W,] [bias,] num_iterations) -> (v, s_saved, Vprev_saved)``, where the
   two saved tensors hold s(r) and V(r-1) of DESIGN.md §3 in the backend's own layout
   ((B, R, J, D) for the C++/CUDA extension, (R, B, J, D) for Triton);
-* backward ``(grad_v, x, [W,] s_saved, Vprev_saved, num_iterations) -> dx[, dW]``.
+* backward ``(grad_v, x, [W,] [bias,] s_saved, Vprev_saved, num_iterations) -> dx[, dW][, dbias]``.
+
+``bias`` (the routing option of DESIGN.md §6, ``has_bias``) may be None; the backward op then
+returns an empty ``dbias``.
 
 ``forward_op`` is the op itself or its qualified name ("capsrouting::..."), ``backward_op``
 a callable. This module connects them, so the backward of every backend is itself an op
@@ -25,18 +28,22 @@ from . import reference
 from .backends import accumulation_dtype
 
 
-def reference_gradients(inputs, grad_v: torch.Tensor, num_iterations: int, has_weights: bool):
-    """Gradients of the reference routing at ``inputs`` ((u, W) or (u_hat,)), with a graph of their own."""
-    leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
+def reference_gradients(inputs, grad_v: torch.Tensor, num_iterations: int, has_weights: bool, bias=None):
+    """Gradients of the reference routing at ``inputs`` ((u, W) or (u_hat,)) and ``bias`` (if not
+    None, its gradient last), with a graph of their own."""
+    tensors = [*inputs, *([bias] if bias is not None else [])]
+    leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in tensors]
     acc = accumulation_dtype(leaves[0].dtype)
     run = reference.capsule_routing if has_weights else reference.route
+    args = [t.to(acc) for t in leaves]
+    options = dict(bias=args.pop()) if bias is not None else {}
     # Inside an autocast region the reference's own ops would be cast back to half precision.
     with torch.enable_grad(), torch.autocast(leaves[0].device.type, enabled=False):
-        v = run(*[t.to(acc) for t in leaves], num_iterations)
+        v = run(*args, num_iterations, **options)
         return torch.autograd.grad(v, leaves, grad_v.to(acc), create_graph=True)
 
 
-def register_routing_autograd(forward_op, backward_op, has_weights: bool) -> None:
+def register_routing_autograd(forward_op, backward_op, has_weights: bool, has_bias: bool = False) -> None:
     def setup_context(ctx, inputs, output):
         _, s_saved, Vprev_saved = output
         ctx.num_iterations = inputs[-1]
@@ -45,14 +52,18 @@ def register_routing_autograd(forward_op, backward_op, has_weights: bool) -> Non
 
     def backward(ctx, grad_v, _grad_s_saved, _grad_Vprev_saved):
         saved = ctx.saved_tensors
+        inputs = saved[:-2]
+        bias = None
+        if has_bias:
+            *inputs, bias = inputs
         if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
-            grads = reference_gradients(saved[:-2], grad_v, ctx.num_iterations, has_weights)
+            grads = reference_gradients(inputs, grad_v, ctx.num_iterations, has_weights, bias)
         else:
             grads = backward_op(grad_v.contiguous(), *saved, ctx.num_iterations)
-        if has_weights:
-            du, dW = grads
-            return du, dW, None
-        return (grads[0] if isinstance(grads, (tuple, list)) else grads), None
+        grads = list(grads) if isinstance(grads, (tuple, list)) else [grads]
+        if has_bias:  # the op returns an empty dbias without a bias; the reference returns none
+            grads = grads[: len(inputs)] + [grads[len(inputs)] if bias is not None else None]
+        return (*grads, None)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 

@@ -32,6 +32,9 @@ _routing_forward_kernel
     result moved into the tile's layout through it).
     Registers: the predictions tile, V and s (BLOCK_B x BLOCK_J x BLOCK_D each);
     v is stored every iteration (the last stays) rather than carried.
+    HAS_BIAS (the routing bias of DESIGN.md §6): a (J, D) bias, loaded once per
+    program (one register a thread), is added to s(r) before the squash and
+    saved with it, so the backward kernels need not know of it.
     Saved for backward: s(r) and V(r-1) for every r, (R, B, J, D) each, so
     that a tile's block of row r is contiguous and addressed from one scalar base.
 _routing_backward_reduce_kernel
@@ -276,10 +279,12 @@ def _routing_forward_kernel(
     v_ptr,        # out: v (B, J, D), input dtype (num_splits == 1 only)
     s_ptr,        # out: s(r) (R, B, J, D) in the compute dtype; partial s (num_splits, B, J, D) if num_splits > 1
     Vprev_ptr,    # out: V(r-1) (R, B, J, D) (num_splits == 1); in: V (B, J, D) for this iteration (num_splits > 1)
+    bias_ptr,     # bias (J, D), input dtype, added to s(r) (HAS_BIAS, num_splits == 1; the launcher adds it otherwise)
     B, I, J, D, K, R,
     num_splits,   # programs per batch tile along grid axis 1
     i_per_split,  # input capsules per program along grid axis 1
     HAS_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -292,10 +297,15 @@ def _routing_forward_kernel(
 
     if num_splits == 1:
         V = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
+        if HAS_BIAS:  # DESIGN.md §6: added to s in every iteration, so s(r) is saved with it
+            _, _, jd_offs, jd_mask = _jd_block(J, D, BLOCK_J, BLOCK_D)
+            bias = tl.load(bias_ptr + jd_offs, mask=jd_mask, other=0.0).to(ACC)[None, :, :]
         for r in range(_loop_bound(R)):
             tl.store(_state_ptrs(Vprev_ptr, r, B, b0, J, D, bjd_offs), V, mask=bjd_mask)
             s = _batch_accumulate_s(x_ptr, W_ptr, b0, b_local, b_valid, V, 0, I, j_offs, d_offs, I, J, D, K,
                                     HAS_W, ACC, BLOCK_I, DOT_K)
+            if HAS_BIAS:
+                s += bias
             tl.store(_state_ptrs(s_ptr, r, B, b0, J, D, bjd_offs), s, mask=bjd_mask)
             v = _batch_squash(s, SQUASH_EPS)
             V += v

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._autograd import register_backward_op_autograd, register_routing_autograd
-from ._validation import check_capsule_routing_args, check_route_args
+from ._validation import check_capsule_routing_args, check_route_args, check_routing_options
 from .backends import Backend, accumulation_dtype, register
 from .reference import SQUASH_EPS, squash
 
@@ -293,7 +293,8 @@ def _accumulator_size(element_size: int) -> int:
 
 
 def forward_traffic(p: LaunchPlan, R: int) -> Traffic:
-    """What ``routing_forward`` moves through its Triton launches (not the torch ops between them).
+    """What ``routing_forward`` moves through its Triton launches (not the torch ops between them),
+    without routing options (a bias adds J x D loads per program).
 
     W costs ceil(B / BLOCK_B) reads per iteration, u and u_hat one each. Stored: s(r), V(r-1) and v.
     Counted exactly against the interpreter in tests/test_triton_traffic.py.
@@ -352,10 +353,12 @@ def _shape(x: torch.Tensor, W: Optional[torch.Tensor]):
     return B, I, J, D, 0
 
 
-def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: int, splits: Optional[int] = None):
-    """Fused forward. x is u (B, I, K) with W, or u_hat (B, I, J, D) without.
+def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: int, splits: Optional[int] = None,
+                    bias: Optional[torch.Tensor] = None):
+    """Fused forward. x is u (B, I, K) with W, or u_hat (B, I, J, D) without; ``bias`` (J, D) or None.
 
-    Returns v (B, J, D) in x's dtype, and s(r), V(r-1) as (R, B, J, D) in the compute dtype.
+    Returns v (B, J, D) in x's dtype, and s(r) (bias included), V(r-1) as (R, B, J, D) in the
+    compute dtype.
     """
     p = plan_for(x, W, splits)
     B, J, D, R = p.B, p.J, p.D, num_iterations
@@ -369,19 +372,20 @@ def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: 
     W_arg = W if W is not None else x
     kernel = _kernels()._routing_forward_kernel
     args = (B, p.I, J, D, p.K, R, p.splits, p.i_per_split)
-    blocks = dict(HAS_W=W is not None, BLOCK_B=cfg.BLOCK_B, BLOCK_I=cfg.BLOCK_I, BLOCK_J=cfg.BLOCK_J,
-                  BLOCK_D=cfg.BLOCK_D, DOT_K=cfg.DOT_K, **cfg.compile_options())
+    bias_arg = bias.contiguous() if bias is not None else x
+    blocks = dict(HAS_W=W is not None, HAS_BIAS=bias is not None, BLOCK_B=cfg.BLOCK_B, BLOCK_I=cfg.BLOCK_I,
+                  BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, DOT_K=cfg.DOT_K, **cfg.compile_options())
     grid = (p.batch_tiles, p.splits)
     with _device_guard(x):
         if p.splits == 1:
-            kernel[grid](x, W_arg, v, s_saved, Vprev_saved, *args, **blocks)
+            kernel[grid](x, W_arg, v, s_saved, Vprev_saved, bias_arg, *args, **blocks)
             return v, s_saved, Vprev_saved
         # Small batch: one launch per iteration, the slices' partial sums combined in a fixed order.
         partial = torch.empty(p.splits, B, J, D, device=x.device, dtype=acc)
         V = torch.zeros(B, J, D, device=x.device, dtype=acc)
         for r in range(R):
-            kernel[grid](x, W_arg, v, partial, V, *args, **blocks)
-            s = partial.sum(dim=0)
+            kernel[grid](x, W_arg, v, partial, V, bias_arg, *args, **blocks)
+            s = partial.sum(dim=0) if bias is None else partial.sum(dim=0) + bias.to(acc)
             s_saved[r] = s
             Vprev_saved[r] = V
             out = squash(s)
@@ -390,8 +394,10 @@ def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: 
     return v, s_saved, Vprev_saved
 
 
-def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, splits: Optional[int] = None):
-    """Exact backward (DESIGN.md §3). Returns (dx, dW); dW is None without W."""
+def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, splits: Optional[int] = None,
+                     bias: Optional[torch.Tensor] = None):
+    """Exact backward (DESIGN.md §3, §6). Returns (dx, dW, dbias); dW is None without W, dbias
+    (the sum of g_s(r) over the batch and the iterations) None without ``bias``."""
     p = plan_for(x, W, splits)
     B, I, J, D, K, R = p.B, p.I, p.J, p.D, p.K, num_iterations
     acc = s_saved.dtype
@@ -400,7 +406,7 @@ def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, sp
     dW = torch.zeros_like(W) if W is not None else None
     if B == 0:
         dx.zero_()
-        return dx, dW
+        return dx, dW, (torch.zeros_like(bias) if bias is not None else None)
     has_w = W is not None
     W_arg = W if has_w else x
     kernels = _kernels()
@@ -432,7 +438,8 @@ def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, sp
         )
         if has_w:
             dW.copy_(dW_partial.sum(dim=0) if p.chunks > 1 else dW_partial[0])
-    return dx, dW
+    dbias = gs_saved.sum(dim=(0, 1)).to(bias.dtype) if bias is not None else None
+    return dx, dW, dbias
 
 
 def _squash_backward(s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -449,30 +456,48 @@ def _squash_backward(s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 # ---- custom ops ------------------------------------------------------------------------------
 
 
+def _check_bias(x: torch.Tensor, W: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> None:
+    _, I, J, D, _ = _shape(x, W)
+    check_routing_options(x, I, J, D, bias, None, False, False, False)
+
+
+def _no_bias(x: torch.Tensor) -> torch.Tensor:
+    """What a backward op returns for dbias when there is no bias (an op cannot return None)."""
+    return x.new_empty(0)
+
+
 @torch.library.custom_op("capsrouting::capsule_routing_triton", mutates_args=())
-def capsule_routing_op(u: torch.Tensor, W: torch.Tensor, num_iterations: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def capsule_routing_op(
+    u: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], num_iterations: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_capsule_routing_args(u, W, num_iterations, leading_dims=False)  # the op may be called directly
-    return routing_forward(u, W, num_iterations)
+    _check_bias(u, W, bias)
+    return routing_forward(u, W, num_iterations, bias=bias)
 
 
 @torch.library.custom_op("capsrouting::capsule_routing_triton_backward", mutates_args=())
 def capsule_routing_backward_op(
-    grad_v: torch.Tensor, u: torch.Tensor, W: torch.Tensor, s_saved: torch.Tensor, Vprev_saved: torch.Tensor, num_iterations: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    return routing_backward(grad_v, u, W, s_saved, Vprev_saved, num_iterations)
+    grad_v: torch.Tensor, u: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], s_saved: torch.Tensor,
+    Vprev_saved: torch.Tensor, num_iterations: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    du, dW, dbias = routing_backward(grad_v, u, W, s_saved, Vprev_saved, num_iterations, bias=bias)
+    return du, dW, dbias if dbias is not None else _no_bias(u)
 
 
 @torch.library.custom_op("capsrouting::route_triton", mutates_args=())
-def route_op(u_hat: torch.Tensor, num_iterations: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def route_op(u_hat: torch.Tensor, bias: Optional[torch.Tensor], num_iterations: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_route_args(u_hat, num_iterations, leading_dims=False)
-    return routing_forward(u_hat, None, num_iterations)
+    _check_bias(u_hat, None, bias)
+    return routing_forward(u_hat, None, num_iterations, bias=bias)
 
 
 @torch.library.custom_op("capsrouting::route_triton_backward", mutates_args=())
 def route_backward_op(
-    grad_v: torch.Tensor, u_hat: torch.Tensor, s_saved: torch.Tensor, Vprev_saved: torch.Tensor, num_iterations: int
-) -> torch.Tensor:
-    return routing_backward(grad_v, u_hat, None, s_saved, Vprev_saved, num_iterations)[0]
+    grad_v: torch.Tensor, u_hat: torch.Tensor, bias: Optional[torch.Tensor], s_saved: torch.Tensor,
+    Vprev_saved: torch.Tensor, num_iterations: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    du_hat, _, dbias = routing_backward(grad_v, u_hat, None, s_saved, Vprev_saved, num_iterations, bias=bias)
+    return du_hat, dbias if dbias is not None else _no_bias(u_hat)
 
 
 def _fake_forward(x, W, num_iterations):
@@ -483,21 +508,30 @@ def _fake_forward(x, W, num_iterations):
 
 
 @capsule_routing_op.register_fake
-def _(u, W, num_iterations):
+def _(u, W, bias, num_iterations):
     check_capsule_routing_args(u, W, num_iterations, leading_dims=False)  # as the real op checks
+    _check_bias(u, W, bias)
     return _fake_forward(u, W, num_iterations)
 
 
 @route_op.register_fake
-def _(u_hat, num_iterations):
+def _(u_hat, bias, num_iterations):
     check_route_args(u_hat, num_iterations, leading_dims=False)
+    _check_bias(u_hat, None, bias)
     return _fake_forward(u_hat, None, num_iterations)
 
-capsule_routing_backward_op.register_fake(lambda grad_v, u, W, s, V, n: (torch.empty_like(u), torch.empty_like(W)))
-route_backward_op.register_fake(lambda grad_v, u_hat, s, V, n: torch.empty_like(u_hat))
 
-register_routing_autograd(capsule_routing_op, capsule_routing_backward_op, has_weights=True)
-register_routing_autograd(route_op, route_backward_op, has_weights=False)
+def _fake_dbias(x, bias):
+    return torch.empty_like(bias) if bias is not None else _no_bias(x)
+
+
+capsule_routing_backward_op.register_fake(
+    lambda grad_v, u, W, bias, s, V, n: (torch.empty_like(u), torch.empty_like(W), _fake_dbias(u, bias))
+)
+route_backward_op.register_fake(lambda grad_v, u_hat, bias, s, V, n: (torch.empty_like(u_hat), _fake_dbias(u_hat, bias)))
+
+register_routing_autograd(capsule_routing_op, capsule_routing_backward_op, has_weights=True, has_bias=True)
+register_routing_autograd(route_op, route_backward_op, has_weights=False, has_bias=True)
 register_backward_op_autograd(capsule_routing_backward_op, "capsrouting::capsule_routing_triton_backward")
 register_backward_op_autograd(route_backward_op, "capsrouting::route_triton_backward")
 
@@ -505,12 +539,14 @@ register_backward_op_autograd(route_backward_op, "capsrouting::route_triton_back
 # ---- backend entry points ----------------------------------------------------------------------
 
 
-def capsule_routing(u: torch.Tensor, W: torch.Tensor, num_iterations: int) -> torch.Tensor:
-    return capsule_routing_op(u.contiguous(), W.contiguous(), num_iterations)[0]
+def capsule_routing(u: torch.Tensor, W: torch.Tensor, num_iterations: int, options=None) -> torch.Tensor:
+    bias = options.bias if options is not None else None
+    return capsule_routing_op(u.contiguous(), W.contiguous(), bias, num_iterations)[0]
 
 
-def route(u_hat: torch.Tensor, num_iterations: int) -> torch.Tensor:
-    return route_op(u_hat.contiguous(), num_iterations)[0]
+def route(u_hat: torch.Tensor, num_iterations: int, options=None) -> torch.Tensor:
+    bias = options.bias if options is not None else None
+    return route_op(u_hat.contiguous(), bias, num_iterations)[0]
 
 
 def _shape_reason(x: torch.Tensor, W: Optional[torch.Tensor]) -> Optional[str]:
@@ -534,5 +570,6 @@ register(
         capsule_routing=capsule_routing,
         route=route,
         shape_reason=_shape_reason,
+        options=frozenset({"bias"}),
     )
 )

@@ -164,23 +164,31 @@ def test_bad_options_raise_clear_errors(entry, options, error, message):
         getattr(capsrouting, entry)(*args, 2, backend="torch", **options)
 
 
+OPTION_VALUES = dict(bias=torch.full((4, 6), 0.1), logit_prior=torch.zeros(5, 4), leaky=True, detach_inner=True,
+                     return_couplings=True)
+
+
 def test_a_backend_without_an_option_refuses_it_and_auto_falls_back_once(monkeypatch):
     monkeypatch.setattr(backends, "_announced", set())
-    fused = [n for n in capsrouting.available_backends() if n != "torch" and "cpu" in backends.get(n).device_types()]
-    if not fused:
-        pytest.skip("no fused backend runs on CPU tensors here")
+    lacking = [(n, o) for n in capsrouting.available_backends() if n != "torch" and "cpu" in backends.get(n).device_types()
+               for o in OPTION_VALUES if o not in backends.get(n).options]
+    if not lacking:
+        pytest.skip("every fused backend on CPU tensors runs every option")
+    name, option = lacking[0]
     u, W = torch.randn(2, 5, 3), torch.randn(5, 4, 6, 3)
-    bias = torch.full((4, 6), 0.1)
-    with pytest.raises(ValueError, match=rf"backend '{fused[0]}' cannot run this problem: the {fused[0]} backend does not support bias"):
-        capsrouting.capsule_routing(u, W, 2, bias=bias, backend=fused[0])
+    kwargs = {option: OPTION_VALUES[option]}
+    with pytest.raises(ValueError, match=rf"backend '{name}' cannot run this problem: the {name} backend does not support {option}"):
+        capsrouting.capsule_routing(u, W, 2, backend=name, **kwargs)
+    # auto, asked for every option: whichever fused backend lacks one is passed over, with one warning.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        v = capsrouting.capsule_routing(u, W, 2, bias=bias)
-        capsrouting.capsule_routing(u, W, 2, bias=bias)
+        v = capsrouting.capsule_routing(u, W, 2, **OPTION_VALUES)
+        capsrouting.capsule_routing(u, W, 2, **OPTION_VALUES)
     messages = [str(w.message) for w in caught if "capsrouting" in str(w.message)]
-    assert len(messages) == 1 and "using backend 'torch'" in messages[0] and "does not support bias" in messages[0]
+    assert len(messages) == 1 and "using backend 'torch'" in messages[0] and "does not support" in messages[0]
     assert caught[0].filename == __file__  # the warning points at the caller
-    torch.testing.assert_close(v, capsrouting.capsule_routing(u, W, 2, bias=bias, backend="torch"))
+    expected = capsrouting.capsule_routing(u, W, 2, backend="torch", **OPTION_VALUES)
+    torch.testing.assert_close(v, expected)
 
 
 def test_capsule_layer_options_initialise_as_documented_and_learn():
@@ -234,3 +242,48 @@ def test_fused_backends_take_leading_dimensions(backend):
     torch.testing.assert_close(v, v_flat.reshape(2, 3, 3, 5), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(du, du_flat, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(dW, dW_flat, rtol=1e-10, atol=1e-12)
+
+
+FUSED_ON_CPU = [n for n in ("cpu", "triton") if n in capsrouting.available_backends() and "cpu" in backends.get(n).device_types()]
+
+
+@pytest.mark.parametrize("programs", [1, 64], ids=["one_launch", "split"])
+@pytest.mark.parametrize("backend", FUSED_ON_CPU)
+def test_fused_backends_match_the_reference_on_the_options_they_run(backend, programs, monkeypatch):
+    """Every combination of the options a fused backend lists, float64 values and gradients against the
+    torch backend; for Triton both launch paths (one launch, and input capsules split over programs)."""
+    if backend == "triton":
+        from capsrouting import triton_backend
+
+        monkeypatch.setattr(triton_backend, "_program_target", lambda device: programs)
+    elif programs > 1:
+        pytest.skip("only Triton has a split launch path")
+    supported = backends.get(backend).options
+    combinations = [c for c in COMBINATIONS if any(c) and all(n in supported for n, on in zip(OPTION_NAMES, c) if on)]
+    if not combinations:
+        pytest.skip(f"the {backend} backend runs no routing option yet")
+    for combination in combinations:
+        for B, I, Din, J, Dout, R in SHAPES:
+            u, W, u_hat, options, _ = make_problem(B, I, Din, J, Dout, combination)
+            extra = [options[k] for k in ("bias", "logit_prior") if options[k] is not None]
+            for entry, args, inputs in (("capsule_routing", (u, W), [u, W, *extra]), ("route", (u_hat,), [u_hat, *extra])):
+                routing = getattr(capsrouting, entry)
+                assert_same(
+                    values_and_grads(lambda: routing(*args, R, backend=backend, **options), inputs),
+                    values_and_grads(lambda: routing(*args, R, backend="torch", **options), inputs),
+                    f"{backend} {entry} {_ids(combination)} R={R}",
+                )
+
+
+@pytest.mark.parametrize("backend", [n for n in FUSED_ON_CPU if "bias" in backends.get(n).options])
+def test_double_backward_with_bias_equals_the_references(backend):
+    """create_graph=True through a fused op with a bias: second derivatives (a gradient penalty) as the reference's."""
+    results = {}
+    for name in (backend, "torch"):
+        u, W, _, options, _ = make_problem(2, 4, 3, 3, 2, (True, False, False, False))
+        bias = options["bias"]
+        v = capsrouting.capsule_routing(u, W, 3, bias=bias, backend=name)
+        (du,) = torch.autograd.grad(v.square().sum(), u, create_graph=True)
+        results[name] = torch.autograd.grad(du.square().sum(), (W, bias))
+    for got, want in zip(results[backend], results["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

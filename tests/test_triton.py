@@ -217,9 +217,11 @@ def test_opcheck():
     from capsrouting import triton_backend
 
     u, W = make_inputs(2, 9, 3, 4, 5, torch.float32, DEVICE, requires_grad=True)
-    torch.library.opcheck(triton_backend.capsule_routing_op, (u, W, 3))
+    bias = torch.full((4, 5), 0.1, device=DEVICE, requires_grad=True)
     u_hat = reference.predictions(u, W).detach().requires_grad_()
-    torch.library.opcheck(triton_backend.route_op, (u_hat, 2))
+    for b in (None, bias):  # with and without the routing bias (DESIGN.md §6)
+        torch.library.opcheck(triton_backend.capsule_routing_op, (u, W, b, 3))
+        torch.library.opcheck(triton_backend.route_op, (u_hat, b, 2))
 
 
 def test_torch_compile_capsnet_training_step_matches_eager():

@@ -30,7 +30,8 @@ ELEMENT_SIZES = {"fp64": 8, "fp32": 4, "fp16": 2, "bf16": 2}
 # which block sizes it takes (a pair: the kernel's name for a LaunchConfig field), and its name
 # for LaunchConfig.gpu_options (warps and register cap).
 KERNELS = {
-    "_routing_forward_kernel": (("x_ptr", "W_ptr", "v_ptr"), ("BLOCK_B", "BLOCK_I", "BLOCK_J", "BLOCK_D", "DOT_K"), "forward"),
+    "_routing_forward_kernel": (("x_ptr", "W_ptr", "v_ptr", "bias_ptr"), ("BLOCK_B", "BLOCK_I", "BLOCK_J", "BLOCK_D", "DOT_K"),
+                                "forward"),
     "_routing_backward_reduce_kernel": (
         ("x_ptr", "W_ptr", "grad_v_ptr"),
         (("BLOCK_B", "REDUCE_BLOCK_B"), ("BLOCK_I", "REDUCE_BLOCK_I"), "BLOCK_J", "BLOCK_D"),
@@ -53,11 +54,14 @@ def variants():
             pairs = [(name, name) if isinstance(name, str) else name for name in block_names]
             blocks = tuple((arg, getattr(cfg, field)) for arg, field in pairs)
             options = cfg.gpu_options(options_name)
+            # The routing options a kernel compiles in (DESIGN.md §6): each value is a variant.
+            flags = [(("HAS_BIAS", False),), (("HAS_BIAS", True),)] if kernel == "_routing_forward_kernel" else [()]
             for dtype in (d for d, size in ELEMENT_SIZES.items() if size == element_size):
-                key = (kernel, has_w, blocks, tuple(sorted(options.items())), dtype)
-                if key not in seen:
-                    seen.add(key)
-                    yield key
+                for flag in flags:
+                    key = (kernel, has_w, blocks + flag, tuple(sorted(options.items())), dtype)
+                    if key not in seen:
+                        seen.add(key)
+                        yield key
 
 
 def compile_one(key, arch):
@@ -128,7 +132,7 @@ def main(argv=None) -> int:
             bad += 1
             print(f"FAILED {r['kernel']} {r['arch']} {r['dtype']}: {r['error']}")
             continue
-        blocks = " ".join(f"{k}={r[k]}" for k in ("BLOCK_B", "BLOCK_I", "BLOCK_J", "BLOCK_D", "BLOCK_K", "W_IN_REGISTERS", "DOT_K") if k in r)
+        blocks = " ".join(f"{k}={r[k]}" for k in ("BLOCK_B", "BLOCK_I", "BLOCK_J", "BLOCK_D", "BLOCK_K", "W_IN_REGISTERS", "DOT_K", "HAS_BIAS") if k in r)
         flag = "" if r["spill_bytes"] == 0 else f"  SPILLS {r['spill_bytes']} bytes"
         bad += r["spill_bytes"] != 0
         print(
