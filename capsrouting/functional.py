@@ -104,19 +104,6 @@ def capsule_routing(
     return_couplings: bool = False,
     backend: str = "auto",
 ):
-    """Predictions ``u_hat[..., i, j] = W[i, j] @ u[..., i]`` and dynamic routing, in one op.
-
-    Args:
-        u: input capsules, (..., I, Din): any leading dims (a batch, the positions of a
-            convolutional capsule layer), each routed independently.
-        W: transformation matrices, (I, J, Dout, Din), same dtype and device as ``u``
-            (inside ``torch.autocast`` both are cast to the autocast dtype, as are the options).
-        num_iterations: routing iterations R >= 1 (the paper uses 3).""" + _OPTIONS_DOC + """
-
-    Returns:
-        v: output capsules, (..., J, Dout), in the dtype of ``u`` (the autocast dtype inside
-        autocast); ``(v, c)`` with ``return_couplings``.
-    """
     (u, W, bias, logit_prior), autocasting = _cast_for_autocast(u, W, bias, logit_prior)
     check_capsule_routing_args(u, W, num_iterations)
     I, J, D, _ = W.shape
@@ -136,7 +123,30 @@ def route(
     return_couplings: bool = False,
     backend: str = "auto",
 ):
-    """Dynamic routing on given predictions ``u_hat`` (..., I, J, D); returns v (..., J, D).
+    (u_hat, bias, logit_prior), autocasting = _cast_for_autocast(u_hat, bias, logit_prior)
+    check_route_args(u_hat, num_iterations)
+    I, J, D = u_hat.shape[-3:]
+    check_routing_options(u_hat, I, J, D, bias, logit_prior, leaky, detach_inner, return_couplings)
+    options = RoutingOptions(bias, logit_prior, leaky, detach_inner, return_couplings)
+    return _run(backend, "route", u_hat, None, num_iterations, options, autocasting)
+
+
+# The two entry points share the options' documentation, so their docstrings are assembled here.
+capsule_routing.__doc__ = """Predictions ``u_hat[..., i, j] = W[i, j] @ u[..., i]`` and dynamic routing, in one op.
+
+    Args:
+        u: input capsules, (..., I, Din): any leading dims (a batch, the positions of a
+            convolutional capsule layer), each routed independently.
+        W: transformation matrices, (I, J, Dout, Din), same dtype and device as ``u``
+            (inside ``torch.autocast`` both are cast to the autocast dtype, as are the options).
+        num_iterations: routing iterations R >= 1 (the paper uses 3).""" + _OPTIONS_DOC + """
+
+    Returns:
+        v: output capsules, (..., J, Dout), in the dtype of ``u`` (the autocast dtype inside
+        autocast); ``(v, c)`` with ``return_couplings``.
+    """
+
+route.__doc__ = """Dynamic routing on given predictions ``u_hat`` (..., I, J, D); returns v (..., J, D).
 
     Args:
         u_hat: predictions, (..., I, J, D), any leading dims, each routed independently.
@@ -147,12 +157,6 @@ def route(
     Returns:
         v (..., J, D), or ``(v, c)`` with ``return_couplings``.
     """
-    (u_hat, bias, logit_prior), autocasting = _cast_for_autocast(u_hat, bias, logit_prior)
-    check_route_args(u_hat, num_iterations)
-    I, J, D = u_hat.shape[-3:]
-    check_routing_options(u_hat, I, J, D, bias, logit_prior, leaky, detach_inner, return_couplings)
-    options = RoutingOptions(bias, logit_prior, leaky, detach_inner, return_couplings)
-    return _run(backend, "route", u_hat, None, num_iterations, options, autocasting)
 
 
 def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:

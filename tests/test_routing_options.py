@@ -287,3 +287,10 @@ def test_double_backward_with_bias_equals_the_references(backend):
         results[name] = torch.autograd.grad(du.square().sum(), (W, bias))
     for got, want in zip(results[backend], results["torch"]):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("entry", ["capsule_routing", "route"])
+def test_docstrings_document_every_option(entry):
+    doc = getattr(capsrouting, entry).__doc__
+    assert doc and all(f"{name}:" in doc for name in (*OPTION_NAMES, "return_couplings", "backend"))
+    assert "carries no gradient" in doc
