@@ -7,7 +7,7 @@ on the device ("cpu", "cuda", "triton"). Passes: "forward" (no autograd) and
 """
 import dataclasses
 import time
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -79,12 +79,42 @@ def _compiled_reference(R: int):
     return torch.compile(lambda u, W: torch_backend.capsule_routing(u, W, R), dynamic=False)
 
 
-def routing_fn(backend: str, R: int) -> Callable:
-    if backend == "reference":
+# The routing options of DESIGN.md §6 as benchmark variants, as public CapsNets use them (README): the
+# official code's bias, XifengGuo's detach_inner (a one-pass backward), naturomics' both, adambielski's
+# learned prior, and leaky routing.
+OPTION_VARIANTS = ("none", "bias", "detach_inner", "bias+detach_inner", "logit_prior+leaky")
+
+
+def option_kwargs(variant: str, shape: Shape, device: str) -> dict:
+    """The routing options of ``variant``; their tensors are learned parameters (they require gradients)."""
+    kwargs = {}
+    names = () if variant == "none" else variant.split("+")
+    g = torch.Generator().manual_seed(2)
+    if "bias" in names:
+        kwargs["bias"] = torch.full((shape.J, shape.Dout), 0.1)
+    if "logit_prior" in names:
+        kwargs["logit_prior"] = 0.1 * torch.randn(shape.I, shape.J, generator=g)
+    for flag in ("leaky", "detach_inner"):
+        if flag in names:
+            kwargs[flag] = True
+    return {k: v.to(device=device, dtype=shape.dtype).requires_grad_() if isinstance(v, torch.Tensor) else v
+            for k, v in kwargs.items()}
+
+
+def routing_fn(backend: str, R: int, options: Optional[dict] = None) -> Callable:
+    """``fn(u, W, **option_tensors)`` of one backend; ``options`` are the flags (the tensors are passed in)."""
+    flags = {k: v for k, v in (options or {}).items() if not isinstance(v, torch.Tensor)}
+    if backend == "reference" and not options:
         return lambda u, W: torch_backend.capsule_routing(u, W, R)
-    if backend == "compiled":
-        return _compiled_reference(R)
-    return lambda u, W: capsrouting.capsule_routing(u, W, R, backend=backend)
+    if backend in ("reference", "compiled"):
+        eager = lambda u, W, **tensors: capsrouting.capsule_routing(u, W, R, backend="torch", **tensors, **flags)  # noqa: E731
+        if backend == "reference":
+            return eager
+        if not options:
+            return _compiled_reference(R)
+        torch._dynamo.reset()
+        return torch.compile(eager, dynamic=False)
+    return lambda u, W, **tensors: capsrouting.capsule_routing(u, W, R, backend=backend, **tensors, **flags)
 
 
 def make_inputs(shape: Shape, device: str, seed: int = 0):
@@ -101,33 +131,38 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def make_runner(backend: str, shape: Shape, pass_: str, device: str) -> Callable[[], None]:
-    """A no-argument callable that runs one pass of one case (and waits for the device)."""
-    fn = routing_fn(backend, shape.R)
+def make_runner(backend: str, shape: Shape, pass_: str, device: str, variant: str = "none") -> Callable[[], None]:
+    """A no-argument callable that runs one pass of one case (and waits for the device); forward+backward
+    takes the gradients of u, W and the option tensors of ``variant``."""
+    options = option_kwargs(variant, shape, device)
+    fn = routing_fn(backend, shape.R, options)
+    tensors = {k: v for k, v in options.items() if isinstance(v, torch.Tensor)}
     u, W, grad_v = make_inputs(shape, device)
 
     def forward():
         with torch.no_grad():
-            fn(u, W)
+            fn(u, W, **tensors)
         _synchronize(device)
 
     def forward_backward():
-        torch.autograd.grad(fn(u, W), (u, W), grad_v)
+        torch.autograd.grad(fn(u, W, **tensors), (u, W, *tensors.values()), grad_v)
         _synchronize(device)
 
     return forward if pass_ == "forward" else forward_backward
 
 
-def check(backend: str, shape: Shape, device: str) -> None:
-    """Forward and both gradients of ``backend`` against the eager reference, same inputs."""
+def check(backend: str, shape: Shape, device: str, variant: str = "none") -> None:
+    """Forward and every gradient of ``backend`` against the eager reference, same inputs."""
     if backend == "reference":
         return
     u, W, grad_v = make_inputs(shape, device)
+    options = option_kwargs(variant, shape, device)
+    tensors = {k: v for k, v in options.items() if isinstance(v, torch.Tensor)}
     results = []
     for name in (backend, "reference"):
-        v = routing_fn(name, shape.R)(u, W)
-        results.append([v, *torch.autograd.grad(v, (u, W), grad_v)])
-    for label, got, want in zip(["v", "du", "dW"], *results):
+        v = routing_fn(name, shape.R, options)(u, W, **tensors)
+        results.append([v, *torch.autograd.grad(v, (u, W, *tensors.values()), grad_v)])
+    for label, got, want in zip(["v", "du", "dW", *(f"d{k}" for k in tensors)], *results):
         torch.testing.assert_close(got.float(), want.float(), **CHECK_TOLERANCE[shape.dtype],
                                    msg=lambda m: f"{backend} {shape.label} {label}: {m}")
 

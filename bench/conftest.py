@@ -21,6 +21,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("shape", cases.sweep(DEVICE, fast), ids=lambda s: s.label)
     if "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", cases.available_backends(DEVICE))
+    if "variant" in metafunc.fixturenames:
+        metafunc.parametrize("variant", cases.OPTION_VARIANTS)
     if "pass_" in metafunc.fixturenames:
         metafunc.parametrize("pass_", cases.PASSES)
 

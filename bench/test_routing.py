@@ -22,6 +22,21 @@ def test_routing(benchmark, backend, shape, pass_, device):
     benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
 
 
+def test_routing_options(benchmark, backend, variant, pass_, device, fast):
+    """The routing options (DESIGN.md §6) at the paper's layer, B = 32 (bench/options.py tabulates them)."""
+    from bench.options import runs_variant
+
+    shape = cases.sweep(device, fast=True)[0] if fast else cases.dataclasses.replace(cases.PAPER, B=32)
+    if not runs_variant(backend, variant) or cases.skip_reason(backend, shape, device) is not None:
+        pytest.skip(f"{backend} does not run {variant} at {shape.label}")
+    if fast and backend == "compiled" and variant != "bias+detach_inner":
+        pytest.skip("in the quick check, one compiled variant is enough: each compiles for tens of seconds")
+    cases.check(backend, shape, device, variant)
+    run = cases.make_runner(backend, shape, pass_, device, variant)
+    run()
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+
+
 def test_training_step(benchmark, backend, device, fast):
     batch, rounds = (2, 1) if fast else ((32, 3) if device == "cpu" else (128, 10))
     step = make_training_step(backend, device, batch, compile_backend="aot_eager" if fast else "inductor")

@@ -1,14 +1,22 @@
 """One autograd registration for every fused backend's routing ops.
 
-A fused backend defines two custom ops per entry point:
+A fused backend defines two custom ops per entry point, in one of two forms. Plain (no
+routing options):
 
-* forward ``(x, [W,] [bias,] num_iterations) -> (v, s_saved, Vprev_saved)``, where the
-  two saved tensors hold s(r) and V(r-1) of DESIGN.md §3 in the backend's own layout
-  ((B, R, J, D) for the C++/CUDA extension, (R, B, J, D) for Triton);
-* backward ``(grad_v, x, [W,] [bias,] s_saved, Vprev_saved, num_iterations) -> dx[, dW][, dbias]``.
+* forward ``(x, [W,] num_iterations) -> (v, s_saved, Vprev_saved)``, where the two saved
+  tensors hold s(r) and V(r-1) of DESIGN.md §3 in the backend's own layout ((B, R, J, D) for
+  the C++/CUDA extension, (R, B, J, D) for Triton);
+* backward ``(grad_v, x, [W,] s_saved, Vprev_saved, num_iterations) -> dx[, dW]``.
 
-``bias`` (the routing option of DESIGN.md §6, ``has_bias``) may be None; the backward op then
-returns an empty ``dbias``.
+With the routing options of DESIGN.md §6 (``with_options``):
+
+* forward ``(x, [W,] bias, logit_prior, leaky, detach_inner, return_couplings, num_iterations)
+  -> (v, c, s_saved, Vprev_saved)``; ``bias`` and ``logit_prior`` may be None, ``c`` (the last
+  iteration's couplings) is empty unless ``return_couplings`` and carries no gradient;
+* backward ``(grad_v, x, [W,] bias, logit_prior, leaky, detach_inner, option_grads, s_saved,
+  Vprev_saved, num_iterations) -> (dx, [dW,] dbias, dprior)``, ``dbias`` and ``dprior`` empty
+  where there is no such input or ``option_grads`` is false (neither needs a gradient: with
+  ``detach_inner`` the backward is then one pass, §6).
 
 ``forward_op`` is the op itself or its qualified name ("capsrouting::..."), ``backward_op``
 a callable. This module connects them, so the backward of every backend is itself an op
@@ -28,42 +36,59 @@ from . import reference
 from .backends import accumulation_dtype
 
 
-def reference_gradients(inputs, grad_v: torch.Tensor, num_iterations: int, has_weights: bool, bias=None):
-    """Gradients of the reference routing at ``inputs`` ((u, W) or (u_hat,)) and ``bias`` (if not
-    None, its gradient last), with a graph of their own."""
-    tensors = [*inputs, *([bias] if bias is not None else [])]
+def reference_gradients(inputs, grad_v: torch.Tensor, num_iterations: int, has_weights: bool, bias=None,
+                        logit_prior=None, leaky: bool = False, detach_inner: bool = False):
+    """Gradients of the reference routing at ``inputs`` ((u, W) or (u_hat,)), then of ``bias`` and
+    ``logit_prior`` (None for an absent one), with a graph of their own."""
+    options = dict(bias=bias, logit_prior=logit_prior)
+    present = [name for name, t in options.items() if t is not None]
+    tensors = [*inputs, *(options[name] for name in present)]
     leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in tensors]
     acc = accumulation_dtype(leaves[0].dtype)
     run = reference.capsule_routing if has_weights else reference.route
     args = [t.to(acc) for t in leaves]
-    options = dict(bias=args.pop()) if bias is not None else {}
+    options.update(zip(present, args[len(inputs):]))
     # Inside an autocast region the reference's own ops would be cast back to half precision.
     with torch.enable_grad(), torch.autocast(leaves[0].device.type, enabled=False):
-        v = run(*args, num_iterations, **options)
-        return torch.autograd.grad(v, leaves, grad_v.to(acc), create_graph=True)
+        v = run(*args[: len(inputs)], num_iterations, leaky=leaky, detach_inner=detach_inner, **options)
+        grads = torch.autograd.grad(v, leaves, grad_v.to(acc), create_graph=True)
+    by_name = dict(zip(present, grads[len(inputs):]))
+    return (*grads[: len(inputs)], by_name.get("bias"), by_name.get("logit_prior"))
 
 
-def register_routing_autograd(forward_op, backward_op, has_weights: bool, has_bias: bool = False) -> None:
+def register_routing_autograd(forward_op, backward_op, has_weights: bool, with_options: bool = False) -> None:
+    n_inputs = 2 if has_weights else 1
+
     def setup_context(ctx, inputs, output):
-        _, s_saved, Vprev_saved = output
+        *outputs, s_saved, Vprev_saved = output
         ctx.num_iterations = inputs[-1]
-        ctx.save_for_backward(*inputs[:-1], s_saved, Vprev_saved)
-        ctx.mark_non_differentiable(s_saved, Vprev_saved)
+        tensors = inputs[:n_inputs]
+        if with_options:
+            bias, logit_prior, ctx.leaky, ctx.detach_inner, _ = inputs[n_inputs:-1]
+            tensors = (*tensors, bias, logit_prior)
+        ctx.save_for_backward(*tensors, s_saved, Vprev_saved)
+        ctx.mark_non_differentiable(*outputs[1:], s_saved, Vprev_saved)
 
-    def backward(ctx, grad_v, _grad_s_saved, _grad_Vprev_saved):
-        saved = ctx.saved_tensors
-        inputs = saved[:-2]
-        bias = None
-        if has_bias:
-            *inputs, bias = inputs
-        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
-            grads = reference_gradients(inputs, grad_v, ctx.num_iterations, has_weights, bias)
+    def backward(ctx, grad_v, *_unused):
+        *inputs, s_saved, Vprev_saved = ctx.saved_tensors
+        R = ctx.num_iterations
+        if not with_options:
+            if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
+                grads = reference_gradients(inputs, grad_v, R, has_weights)[:n_inputs]
+            else:
+                grads = backward_op(grad_v.contiguous(), *inputs, s_saved, Vprev_saved, R)
+                grads = tuple(grads) if isinstance(grads, (tuple, list)) else (grads,)
+            return (*grads, None)
+        *inputs, bias, logit_prior = inputs
+        if torch.is_grad_enabled():
+            grads = reference_gradients(inputs, grad_v, R, has_weights, bias, logit_prior, ctx.leaky, ctx.detach_inner)
         else:
-            grads = backward_op(grad_v.contiguous(), *saved, ctx.num_iterations)
-        grads = list(grads) if isinstance(grads, (tuple, list)) else [grads]
-        if has_bias:  # the op returns an empty dbias without a bias; the reference returns none
-            grads = grads[: len(inputs)] + [grads[len(inputs)] if bias is not None else None]
-        return (*grads, None)
+            option_grads = any(ctx.needs_input_grad[n_inputs:n_inputs + 2])
+            grads = backward_op(grad_v.contiguous(), *inputs, bias, logit_prior, ctx.leaky, ctx.detach_inner,
+                                option_grads, s_saved, Vprev_saved, R)
+            # Empty dbias / dprior: no such input, or no gradient wanted.
+            grads = [g if g.numel() or i < n_inputs else None for i, g in enumerate(grads)]
+        return (*grads, None, None, None, None)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 

@@ -58,6 +58,16 @@ _routing_backward_inputs_kernel
     every run. With several batch chunks each writes its own partial dW,
     summed in a fixed order. Registers: the W and dW tiles, u_hat and du_hat.
 
+Routing options (DESIGN.md §6). ``bias`` is the one variant (HAS_BIAS, above); the others are
+runtime scalars of every kernel, so no variant is compiled for them: ``logit_prior`` adds an
+(I, J) tile of prior logits to every coupling (``prior_cols`` = J, else 0: a mask bound, so
+nothing is loaded without it); ``leaky`` is ``leak`` = 0.0 (else -inf, which changes nothing) in
+the softmax; ``return_couplings`` stores c of the last iteration (``c_cols``); phase 2 sums
+g_b into d logit_prior (``dprior_cols``, one partial per batch chunk, the first Din chunk
+stores it) and with ``detach_inner`` weighs the terms of du_hat (only c(R) g_s(R) stays). With
+``detach_inner`` and no bias or prior gradient wanted, phase 1 does not run and phase 2 visits
+only r = R (``r_begin``): the backward is one pass.
+
 Memory traffic per launch (bytes loaded and stored, from the shapes and these
 tilings) is modelled by ``triton_backend.forward_traffic`` and
 ``backward_traffic``; tests/test_triton_traffic.py checks the model against
@@ -179,14 +189,27 @@ def _batch_predictions_tile(
 
 
 @triton.jit
-def _batch_coupling(u_hat, V, j_valid):
-    """c[b, i, :] = softmax over j of u_hat[b, i, j] . V[b, j] for a (BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D) tile.
+def _prior_tile(prior_ptr, i0, i_end, j_offs, J, prior_cols, BLOCK_I: tl.constexpr):
+    """logit_prior[i0:i0+BLOCK_I, j_offs] as a (BLOCK_I, BLOCK_J) tile, zero where absent (prior_cols == 0:
+    nothing is loaded, the pointer is not read)."""
+    i_local = tl.arange(0, BLOCK_I)
+    mask = (i0 + i_local < i_end)[:, None] & (j_offs < prior_cols)[None, :]
+    return tl.load((prior_ptr + i0 * J) + (i_local[:, None] * J + j_offs[None, :]), mask=mask, other=0.0)
 
-    Padded j get zero.
+
+@triton.jit
+def _batch_coupling(u_hat, V, j_valid, prior, leak):
+    """c[b, i, :] = softmax over j of prior[i, j] + u_hat[b, i, j] . V[b, j] for a (BLOCK_B, BLOCK_I,
+    BLOCK_J, BLOCK_D) tile (DESIGN.md §2, §6). Padded j get zero.
+
+    ``leak`` is 0.0 for leaky routing (an extra zero logit, dropped from the result) and -inf for the
+    plain softmax, where it changes nothing: with m = max(leak, max_j logits),
+    c = exp(b - m) / (exp(leak - m) + sum_k exp(b_k - m)). A runtime scalar, not a variant to compile.
     """
-    logits = tl.where(j_valid, tl.sum(u_hat * V[:, None, :, :], axis=3), float("-inf"))
-    e = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
-    return e / tl.sum(e, axis=2)[:, :, None]
+    logits = tl.where(j_valid, tl.sum(u_hat * V[:, None, :, :], axis=3) + prior[None, :, :], float("-inf"))
+    m = tl.maximum(tl.max(logits, axis=2), leak)[:, :, None]
+    e = tl.exp(logits - m)
+    return e / (tl.sum(e, axis=2)[:, :, None] + tl.exp(leak - m))
 
 
 @triton.jit
@@ -198,23 +221,33 @@ def _batch_logit_grad(u_hat, c, gs):
 
 @triton.jit
 def _batch_accumulate_s(
-    x_ptr, W_ptr, b0, b_local, b_valid, V, i_begin, i_end, j_offs, d_offs, I, J, D, K,
+    x_ptr, W_ptr, prior_ptr, c_ptr, b0, b_local, b_valid, V, i_begin, i_end, j_offs, d_offs, I, J, D, K,
+    prior_cols, leak, c_cols,
     HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr, DOT_K: tl.constexpr,
 ):
-    """Per batch element of the tile, sum over i in [i_begin, i_end) of c[i, j] u_hat[i, j]."""
+    """Per batch element of the tile, sum over i in [i_begin, i_end) of c[i, j] u_hat[i, j].
+
+    c_cols == J: the couplings c are also stored to c_ptr (B, I, J) (return_couplings); 0: not.
+    """
     s = tl.zeros((b_local.shape[0], j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
     j_valid = (j_offs < J)[None, None, :]
+    i_local = tl.arange(0, BLOCK_I)
+    bij_offs = (b_local[:, None, None] * I + i_local[None, :, None]) * J + j_offs[None, None, :]
     for i0 in range(_loop_bound(i_begin), _loop_bound(i_end), BLOCK_I):
         u_hat = _batch_predictions_tile(x_ptr, W_ptr, b0, b_local, b_valid, i0, i_end, j_offs, d_offs, I, J, D, K,
                                         HAS_W, ACC, BLOCK_I, DOT_K)
-        c = _batch_coupling(u_hat, V, j_valid)
+        prior = _prior_tile(prior_ptr, i0, i_end, j_offs, J, prior_cols, BLOCK_I).to(ACC)
+        c = _batch_coupling(u_hat, V, j_valid, prior, leak)
         s += tl.sum(c[:, :, :, None] * u_hat, axis=1)
+        c_mask = b_valid[:, None, None] & (i0 + i_local < i_end)[None, :, None] & (j_offs < c_cols)[None, None, :]
+        tl.store((c_ptr + (b0 * I + i0) * J) + bij_offs, c.to(c_ptr.dtype.element_ty), mask=c_mask)
     return s
 
 
 @triton.jit
 def _batch_agreement_grad(
-    x_ptr, W_ptr, b0, b_local, b_valid, Vp, gs, A, i_begin, i_end, j_offs, d_offs, I, J, D, K,
+    x_ptr, W_ptr, prior_ptr, b0, b_local, b_valid, Vp, gs, A, i_begin, i_end, j_offs, d_offs, I, J, D, K,
+    prior_cols, leak,
     HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     """A plus, per batch element of the tile, sum over i in [i_begin, i_end) of g_b[i, j] u_hat[i, j] (§3)."""
@@ -222,7 +255,8 @@ def _batch_agreement_grad(
     for i0 in range(_loop_bound(i_begin), _loop_bound(i_end), BLOCK_I):
         u_hat = _batch_predictions_tile(x_ptr, W_ptr, b0, b_local, b_valid, i0, i_end, j_offs, d_offs, I, J, D, K,
                                         HAS_W, ACC, BLOCK_I, 0)
-        g_b = _batch_logit_grad(u_hat, _batch_coupling(u_hat, Vp, j_valid), gs)
+        prior = _prior_tile(prior_ptr, i0, i_end, j_offs, J, prior_cols, BLOCK_I).to(ACC)
+        g_b = _batch_logit_grad(u_hat, _batch_coupling(u_hat, Vp, j_valid, prior, leak), gs)
         A += tl.sum(g_b[:, :, :, None] * u_hat, axis=1)
     return A
 
@@ -280,9 +314,16 @@ def _routing_forward_kernel(
     s_ptr,        # out: s(r) (R, B, J, D) in the compute dtype; partial s (num_splits, B, J, D) if num_splits > 1
     Vprev_ptr,    # out: V(r-1) (R, B, J, D) (num_splits == 1); in: V (B, J, D) for this iteration (num_splits > 1)
     bias_ptr,     # bias (J, D), input dtype, added to s(r) (HAS_BIAS, num_splits == 1; the launcher adds it otherwise)
+    prior_ptr,    # logit_prior (I, J), input dtype; read only if prior_cols > 0
+    c_ptr,        # out: the couplings (B, I, J), input dtype; written only if c_cols > 0
     B, I, J, D, K, R,
     num_splits,   # programs per batch tile along grid axis 1
     i_per_split,  # input capsules per program along grid axis 1
+    # DESIGN.md §6 options as runtime scalars, not variants to compile. Flags are column counts, so that
+    # they enter masks as bounds (j < J: on; j < 0: off):
+    prior_cols,   # J if a logit_prior is given, else 0
+    leak,         # 0.0: leaky routing; -inf: the plain softmax
+    c_cols,       # J: store the couplings of the last iteration (num_splits == 1) or of this launch (> 1); 0: not
     HAS_W: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -298,12 +339,12 @@ def _routing_forward_kernel(
     if num_splits == 1:
         V = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
         if HAS_BIAS:  # DESIGN.md §6: added to s in every iteration, so s(r) is saved with it
-            _, _, jd_offs, jd_mask = _jd_block(J, D, BLOCK_J, BLOCK_D)
+            _, _, jd_offs, jd_mask = _jd_block(J, D, BLOCK_J, BLOCK_D)  # one (J, D) block, not one per element
             bias = tl.load(bias_ptr + jd_offs, mask=jd_mask, other=0.0).to(ACC)[None, :, :]
         for r in range(_loop_bound(R)):
             tl.store(_state_ptrs(Vprev_ptr, r, B, b0, J, D, bjd_offs), V, mask=bjd_mask)
-            s = _batch_accumulate_s(x_ptr, W_ptr, b0, b_local, b_valid, V, 0, I, j_offs, d_offs, I, J, D, K,
-                                    HAS_W, ACC, BLOCK_I, DOT_K)
+            s = _batch_accumulate_s(x_ptr, W_ptr, prior_ptr, c_ptr, b0, b_local, b_valid, V, 0, I, j_offs, d_offs,
+                                    I, J, D, K, prior_cols, leak, tl.where(r == R - 1, c_cols, 0), HAS_W, ACC, BLOCK_I, DOT_K)
             if HAS_BIAS:
                 s += bias
             tl.store(_state_ptrs(s_ptr, r, B, b0, J, D, bjd_offs), s, mask=bjd_mask)
@@ -314,8 +355,8 @@ def _routing_forward_kernel(
     else:
         V = tl.load(_state_ptrs(Vprev_ptr, 0, B, b0, J, D, bjd_offs), mask=bjd_mask, other=0.0)
         i_begin, i_end = _split_range(split, i_per_split, I)
-        s = _batch_accumulate_s(x_ptr, W_ptr, b0, b_local, b_valid, V, i_begin, i_end, j_offs, d_offs, I, J, D, K,
-                                HAS_W, ACC, BLOCK_I, DOT_K)
+        s = _batch_accumulate_s(x_ptr, W_ptr, prior_ptr, c_ptr, b0, b_local, b_valid, V, i_begin, i_end, j_offs,
+                                d_offs, I, J, D, K, prior_cols, leak, c_cols, HAS_W, ACC, BLOCK_I, DOT_K)
         tl.store(_state_ptrs(s_ptr, split, B, b0, J, D, bjd_offs), s, mask=bjd_mask)
 
 
@@ -328,10 +369,13 @@ def _routing_backward_reduce_kernel(
     Vprev_ptr,    # in: V(r-1) (R, B, J, D) from the forward
     gs_ptr,       # out: g_s(r) (R, B, J, D) (num_splits == 1); in: g_s(r) for iteration `r_only` (num_splits > 1)
     A_ptr,        # out: partial A(r_only) (num_splits, B, J, D) (num_splits > 1 only)
+    prior_ptr,    # logit_prior (I, J); read only if prior_cols > 0
     B, I, J, D, K, R,
     r_only,       # the one iteration this launch reduces (num_splits > 1)
     num_splits,
     i_per_split,
+    prior_cols,   # as the forward's
+    leak,
     HAS_W: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_I: tl.constexpr,
@@ -354,15 +398,15 @@ def _routing_backward_reduce_kernel(
             if r > 0:
                 G = tl.where(rr > 0, G, 0.0)  # dL/dv reaches only v(R)
                 Vp = tl.load(_state_ptrs(Vprev_ptr, r, B, b0, J, D, bjd_offs), mask=bjd_mask, other=0.0)
-                G = _batch_agreement_grad(x_ptr, W_ptr, b0, b_local, b_valid, Vp, gs, G, 0, I, j_offs, d_offs,
-                                          I, J, D, K, HAS_W, ACC, BLOCK_I)
+                G = _batch_agreement_grad(x_ptr, W_ptr, prior_ptr, b0, b_local, b_valid, Vp, gs, G, 0, I, j_offs,
+                                          d_offs, I, J, D, K, prior_cols, leak, HAS_W, ACC, BLOCK_I)
     else:
         Vp = tl.load(_state_ptrs(Vprev_ptr, r_only, B, b0, J, D, bjd_offs), mask=bjd_mask, other=0.0)
         gs = tl.load(_state_ptrs(gs_ptr, r_only, B, b0, J, D, bjd_offs), mask=bjd_mask, other=0.0)
         i_begin, i_end = _split_range(split, i_per_split, I)
         A = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
-        A = _batch_agreement_grad(x_ptr, W_ptr, b0, b_local, b_valid, Vp, gs, A, i_begin, i_end, j_offs, d_offs,
-                                  I, J, D, K, HAS_W, ACC, BLOCK_I)
+        A = _batch_agreement_grad(x_ptr, W_ptr, prior_ptr, b0, b_local, b_valid, Vp, gs, A, i_begin, i_end, j_offs,
+                                  d_offs, I, J, D, K, prior_cols, leak, HAS_W, ACC, BLOCK_I)
         tl.store(_state_ptrs(A_ptr, split, B, b0, J, D, bjd_offs), A, mask=bjd_mask)
 
 
@@ -374,8 +418,15 @@ def _routing_backward_inputs_kernel(
     gs_ptr,       # in: g_s(r) (R, B, J, D)
     dx_ptr,       # out: du (B, I, K) if HAS_W else du_hat (B, I, J, D), input dtype
     dW_ptr,       # out: dW partial (B_CHUNKS, I, J, D, K) in the compute dtype; ignored unless HAS_W
+    prior_ptr,    # logit_prior (I, J); read only if prior_cols > 0
+    dprior_ptr,   # out: d logit_prior partial (B_CHUNKS, I, J) in the compute dtype; written only if dprior_cols > 0
     B, I, J, D, K, R,
     b_per_chunk,  # batch elements per program along grid axis 2
+    prior_cols,   # as the forward's
+    leak,
+    dprior_cols,  # J: sum g_b(r) over the chunk and the iterations into dprior (DESIGN.md §6); 0: not
+    detach_inner, # 1: du_hat = c(R) g_s(R) only; the other terms of the sum are the detached iterations'
+    r_begin,      # first iteration to visit: R - 1 when detach_inner and no dprior is wanted, else 0
     HAS_W: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -400,6 +451,10 @@ def _routing_backward_inputs_kernel(
     if HAS_W:
         W_tile = tl.load(W_ptr + ijdk_offs, mask=ijdk_mask, other=0.0).to(ACC)
         dW = tl.zeros((BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_K), dtype=ACC)
+    prior = _prior_tile(prior_ptr, i0, I, j_offs, J, prior_cols, BLOCK_I).to(ACC)
+    dprior = tl.zeros((BLOCK_I, BLOCK_J), dtype=ACC)
+    # detach_inner: iteration r < R adds neither c g_s nor g_b V(r-1) to du_hat (its u_hat was detached).
+    inner_weight = tl.where(detach_inner != 0, 0.0, 1.0)
 
     b_begin = b_chunk * b_per_chunk
     b_end = tl.minimum(b_begin + b_per_chunk, B)
@@ -414,13 +469,15 @@ def _routing_backward_inputs_kernel(
             u_hat = _batch_predictions_tile(x_ptr, W_ptr, b, one, one == 0, i0, I, j_offs, d_offs, I, J, D, K,
                                             HAS_W, ACC, BLOCK_I, 0)
         du_hat = tl.zeros((1, BLOCK_I, BLOCK_J, BLOCK_D), dtype=ACC)
-        for r in range(_loop_bound(R)):
-            state = (r * B + b) * J * D
-            Vp = tl.load(Vprev_ptr + state + jd_offs, mask=jd_mask, other=0.0)[None, :, :]
-            gs = tl.load(gs_ptr + state + jd_offs, mask=jd_mask, other=0.0)[None, :, :]
-            c = _batch_coupling(u_hat, Vp, j_valid)
+        for r in range(_loop_bound(r_begin), _loop_bound(R)):
+            Vp = tl.load(_state_ptrs(Vprev_ptr, r, B, b, J, D, jd_offs), mask=jd_mask, other=0.0)[None, :, :]
+            gs = tl.load(_state_ptrs(gs_ptr, r, B, b, J, D, jd_offs), mask=jd_mask, other=0.0)[None, :, :]
+            c = _batch_coupling(u_hat, Vp, j_valid, prior, leak)
             g_b = _batch_logit_grad(u_hat, c, gs)
-            du_hat += c[:, :, :, None] * gs[:, None, :, :] + g_b[:, :, :, None] * Vp[:, None, :, :]
+            dprior += tl.sum(g_b, axis=0)
+            c_weight = tl.where(r == R - 1, 1.0, inner_weight)
+            du_hat += ((c * c_weight)[:, :, :, None] * gs[:, None, :, :]
+                       + (g_b * inner_weight)[:, :, :, None] * Vp[:, None, :, :])
         du_hat_b = tl.sum(du_hat, axis=0)  # (BLOCK_I, BLOCK_J, BLOCK_D)
         if HAS_W:
             dW += du_hat_b[:, :, :, None] * u_b[:, None, None, :]
@@ -432,3 +489,6 @@ def _routing_backward_inputs_kernel(
             tl.store(dx_ptr + offs, du_hat_b.to(dx_ptr.dtype.element_ty), mask=ijd_mask)
     if HAS_W:
         tl.store(dW_ptr + b_chunk * I * J * D * K + ijdk_offs, dW, mask=ijdk_mask)
+    # Every Din chunk computed the same g_b: the first stores it.
+    ij_mask = i_valid[:, None] & (j_offs < tl.where(k_chunk == 0, dprior_cols, 0))[None, :]
+    tl.store(dprior_ptr + (b_chunk * I * J + i_offs[:, None] * J + j_offs[None, :]), dprior, mask=ij_mask)

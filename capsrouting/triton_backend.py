@@ -353,71 +353,97 @@ def _shape(x: torch.Tensor, W: Optional[torch.Tensor]):
     return B, I, J, D, 0
 
 
-def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: int, splits: Optional[int] = None,
-                    bias: Optional[torch.Tensor] = None):
-    """Fused forward. x is u (B, I, K) with W, or u_hat (B, I, J, D) without; ``bias`` (J, D) or None.
+def _option_args(x: torch.Tensor, J: int, logit_prior: Optional[torch.Tensor], leaky: bool):
+    """(prior pointer, prior_cols, leak) as the kernels take them (DESIGN.md §6)."""
+    prior_arg = logit_prior.contiguous() if logit_prior is not None else x
+    return prior_arg, J if logit_prior is not None else 0, 0.0 if leaky else float("-inf")
 
-    Returns v (B, J, D) in x's dtype, and s(r) (bias included), V(r-1) as (R, B, J, D) in the
-    compute dtype.
+
+def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: int, splits: Optional[int] = None,
+                    bias: Optional[torch.Tensor] = None, logit_prior: Optional[torch.Tensor] = None,
+                    leaky: bool = False, return_couplings: bool = False):
+    """Fused forward. x is u (B, I, K) with W, or u_hat (B, I, J, D) without; the options of
+    DESIGN.md §6: ``bias`` (J, D) or None, ``logit_prior`` (I, J) or None, ``leaky``.
+
+    Returns v (B, J, D) in x's dtype; the last iteration's couplings (B, I, J) in x's dtype if
+    ``return_couplings``, else an empty tensor; and s(r) (bias included), V(r-1) as (R, B, J, D)
+    in the compute dtype.
     """
     p = plan_for(x, W, splits)
-    B, J, D, R = p.B, p.J, p.D, num_iterations
+    B, I, J, D, R = p.B, p.I, p.J, p.D, num_iterations
     acc = accumulation_dtype(x.dtype)
     v = torch.empty(B, J, D, device=x.device, dtype=x.dtype)
+    c = x.new_empty((B, I, J) if return_couplings else (0,))
     s_saved = torch.empty(R, B, J, D, device=x.device, dtype=acc)
     Vprev_saved = torch.empty(R, B, J, D, device=x.device, dtype=acc)
     if B == 0:
-        return v, s_saved, Vprev_saved
+        return v, c, s_saved, Vprev_saved
     cfg = p.cfg
     W_arg = W if W is not None else x
     kernel = _kernels()._routing_forward_kernel
-    args = (B, p.I, J, D, p.K, R, p.splits, p.i_per_split)
+    prior_arg, prior_cols, leak = _option_args(x, J, logit_prior, leaky)
     bias_arg = bias.contiguous() if bias is not None else x
+    c_arg = c if return_couplings else x
+    args = (B, I, J, D, p.K, R, p.splits, p.i_per_split, prior_cols, leak)
     blocks = dict(HAS_W=W is not None, HAS_BIAS=bias is not None, BLOCK_B=cfg.BLOCK_B, BLOCK_I=cfg.BLOCK_I,
                   BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, DOT_K=cfg.DOT_K, **cfg.compile_options())
     grid = (p.batch_tiles, p.splits)
     with _device_guard(x):
         if p.splits == 1:
-            kernel[grid](x, W_arg, v, s_saved, Vprev_saved, bias_arg, *args, **blocks)
-            return v, s_saved, Vprev_saved
+            kernel[grid](x, W_arg, v, s_saved, Vprev_saved, bias_arg, prior_arg, c_arg, *args, J if return_couplings else 0,
+                         **blocks)
+            return v, c, s_saved, Vprev_saved
         # Small batch: one launch per iteration, the slices' partial sums combined in a fixed order.
         partial = torch.empty(p.splits, B, J, D, device=x.device, dtype=acc)
         V = torch.zeros(B, J, D, device=x.device, dtype=acc)
         for r in range(R):
-            kernel[grid](x, W_arg, v, partial, V, bias_arg, *args, **blocks)
+            c_cols = J if return_couplings and r == R - 1 else 0
+            kernel[grid](x, W_arg, v, partial, V, bias_arg, prior_arg, c_arg, *args, c_cols, **blocks)
             s = partial.sum(dim=0) if bias is None else partial.sum(dim=0) + bias.to(acc)
             s_saved[r] = s
             Vprev_saved[r] = V
             out = squash(s)
             V = V + out
         v.copy_(out)
-    return v, s_saved, Vprev_saved
+    return v, c, s_saved, Vprev_saved
 
 
 def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, splits: Optional[int] = None,
-                     bias: Optional[torch.Tensor] = None):
-    """Exact backward (DESIGN.md §3, §6). Returns (dx, dW, dbias); dW is None without W, dbias
-    (the sum of g_s(r) over the batch and the iterations) None without ``bias``."""
+                     bias: Optional[torch.Tensor] = None, logit_prior: Optional[torch.Tensor] = None,
+                     leaky: bool = False, detach_inner: bool = False, option_grads: bool = True):
+    """Exact backward (DESIGN.md §3, §6). Returns (dx, dW, dbias, dprior): dW is None without W;
+    dbias (the sum of g_s(r) over the batch and the iterations) and dprior (that of g_b(r)) are None
+    without their option or when ``option_grads`` is false. With ``detach_inner`` and no option
+    gradient, only g_s(R) is needed: phase 1 is skipped and phase 2 visits the last iteration only."""
     p = plan_for(x, W, splits)
     B, I, J, D, K, R = p.B, p.I, p.J, p.D, p.K, num_iterations
     acc = s_saved.dtype
     cfg = p.cfg
     dx = torch.empty_like(x)
     dW = torch.zeros_like(W) if W is not None else None
+    want_dbias = bias is not None and option_grads
+    want_dprior = logit_prior is not None and option_grads
     if B == 0:
         dx.zero_()
-        return dx, dW, (torch.zeros_like(bias) if bias is not None else None)
+        return (dx, dW, torch.zeros_like(bias) if want_dbias else None,
+                torch.zeros_like(logit_prior) if want_dprior else None)
     has_w = W is not None
     W_arg = W if has_w else x
     kernels = _kernels()
+    prior_arg, prior_cols, leak = _option_args(x, J, logit_prior, leaky)
+    one_pass = detach_inner and not option_grads
     gs_saved = torch.empty_like(s_saved)
     blocks = dict(HAS_W=has_w, BLOCK_B=cfg.REDUCE_BLOCK_B, BLOCK_I=cfg.REDUCE_BLOCK_I, BLOCK_J=cfg.BLOCK_J,
                   BLOCK_D=cfg.BLOCK_D, **cfg.compile_options("reduce"))
-    reduce_kernel = kernels._routing_backward_reduce_kernel[(p.reduce_tiles, p.reduce_splits)]
+    reduce_grid = (p.reduce_tiles, p.reduce_splits)
     with _device_guard(x):
         # Phase 1: g_s(r) for every r, reducing A(r) over the input capsules.
-        if p.reduce_splits == 1:
-            reduce_kernel(x, W_arg, grad_v, s_saved, Vprev_saved, gs_saved, gs_saved, B, I, J, D, K, R, 0, 1, I, **blocks)
+        if one_pass:  # only g_s(R), from dL/dv alone
+            gs_saved[R - 1] = _squash_backward(s_saved[R - 1], grad_v.to(acc))
+        elif p.reduce_splits == 1:
+            kernels._routing_backward_reduce_kernel[reduce_grid](
+                x, W_arg, grad_v, s_saved, Vprev_saved, gs_saved, gs_saved, prior_arg, B, I, J, D, K, R, 0, 1, I,
+                prior_cols, leak, **blocks)
         else:
             partial = torch.empty(p.reduce_splits, B, J, D, device=x.device, dtype=acc)
             g_v = grad_v.to(acc)
@@ -426,20 +452,24 @@ def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, sp
                 gs = _squash_backward(s_saved[r], A_suffix + (g_v if r == R - 1 else 0))
                 gs_saved[r] = gs
                 if r > 0:
-                    reduce_kernel(x, W_arg, grad_v, s_saved, Vprev_saved, gs_saved, partial, B, I, J, D, K, R, r,
-                                  p.reduce_splits, p.reduce_i_per_split, **blocks)
+                    kernels._routing_backward_reduce_kernel[reduce_grid](
+                        x, W_arg, grad_v, s_saved, Vprev_saved, gs_saved, partial, prior_arg, B, I, J, D, K, R, r,
+                        p.reduce_splits, p.reduce_i_per_split, prior_cols, leak, **blocks)
                     A_suffix = A_suffix + partial.sum(dim=0)
         # Phase 2: per tile of input capsules, du (or du_hat) for every element and dW summed over the batch.
         dW_partial = torch.empty(p.chunks, *W.shape, device=x.device, dtype=acc) if has_w else x
+        dprior_partial = torch.empty(p.chunks, I, J, device=x.device, dtype=acc) if want_dprior else x
         kernels._routing_backward_inputs_kernel[(p.input_tiles, p.k_chunks, p.chunks)](
-            x, W_arg, Vprev_saved, gs_saved, dx, dW_partial, B, I, J, D, K, R, p.b_per_chunk,
+            x, W_arg, Vprev_saved, gs_saved, dx, dW_partial, prior_arg, dprior_partial, B, I, J, D, K, R, p.b_per_chunk,
+            prior_cols, leak, J if want_dprior else 0, int(detach_inner), R - 1 if one_pass else 0,
             HAS_W=has_w, BLOCK_I=cfg.INPUTS_BLOCK_I, BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, BLOCK_K=cfg.BLOCK_K,
             W_IN_REGISTERS=cfg.W_IN_REGISTERS, **cfg.compile_options("inputs"),
         )
         if has_w:
             dW.copy_(dW_partial.sum(dim=0) if p.chunks > 1 else dW_partial[0])
-    dbias = gs_saved.sum(dim=(0, 1)).to(bias.dtype) if bias is not None else None
-    return dx, dW, dbias
+    dbias = gs_saved.sum(dim=(0, 1)).to(bias.dtype) if want_dbias else None
+    dprior = dprior_partial.sum(dim=0).to(logit_prior.dtype) if want_dprior else None
+    return dx, dW, dbias, dprior
 
 
 def _squash_backward(s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -454,99 +484,135 @@ def _squash_backward(s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 # ---- custom ops ------------------------------------------------------------------------------
+# The forms of _autograd.py with options: the forward takes every option of DESIGN.md §6 (detach_inner
+# only for the autograd's sake: it changes the backward alone), the backward returns dbias and dprior.
 
 
-def _check_bias(x: torch.Tensor, W: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> None:
+def _check_options(x: torch.Tensor, W: Optional[torch.Tensor], bias, logit_prior, leaky, detach_inner,
+                   return_couplings) -> None:
     _, I, J, D, _ = _shape(x, W)
-    check_routing_options(x, I, J, D, bias, None, False, False, False)
+    check_routing_options(x, I, J, D, bias, logit_prior, leaky, detach_inner, return_couplings)
 
 
-def _no_bias(x: torch.Tensor) -> torch.Tensor:
-    """What a backward op returns for dbias when there is no bias (an op cannot return None)."""
+def _empty(x: torch.Tensor) -> torch.Tensor:
+    """What an op returns for an absent result (an op cannot return None)."""
     return x.new_empty(0)
+
+
+def _option_grads_or_empty(x, dbias, dprior):
+    return dbias if dbias is not None else _empty(x), dprior if dprior is not None else _empty(x)
 
 
 @torch.library.custom_op("capsrouting::capsule_routing_triton", mutates_args=())
 def capsule_routing_op(
-    u: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], num_iterations: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    u: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], logit_prior: Optional[torch.Tensor], leaky: bool,
+    detach_inner: bool, return_couplings: bool, num_iterations: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_capsule_routing_args(u, W, num_iterations, leading_dims=False)  # the op may be called directly
-    _check_bias(u, W, bias)
-    return routing_forward(u, W, num_iterations, bias=bias)
+    _check_options(u, W, bias, logit_prior, leaky, detach_inner, return_couplings)
+    return routing_forward(u, W, num_iterations, bias=bias, logit_prior=logit_prior, leaky=leaky,
+                           return_couplings=return_couplings)
 
 
 @torch.library.custom_op("capsrouting::capsule_routing_triton_backward", mutates_args=())
 def capsule_routing_backward_op(
-    grad_v: torch.Tensor, u: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], s_saved: torch.Tensor,
+    grad_v: torch.Tensor, u: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor],
+    logit_prior: Optional[torch.Tensor], leaky: bool, detach_inner: bool, option_grads: bool, s_saved: torch.Tensor,
     Vprev_saved: torch.Tensor, num_iterations: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    du, dW, dbias = routing_backward(grad_v, u, W, s_saved, Vprev_saved, num_iterations, bias=bias)
-    return du, dW, dbias if dbias is not None else _no_bias(u)
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    du, dW, dbias, dprior = routing_backward(grad_v, u, W, s_saved, Vprev_saved, num_iterations, bias=bias,
+                                             logit_prior=logit_prior, leaky=leaky, detach_inner=detach_inner,
+                                             option_grads=option_grads)
+    return du, dW, *_option_grads_or_empty(u, dbias, dprior)
 
 
 @torch.library.custom_op("capsrouting::route_triton", mutates_args=())
-def route_op(u_hat: torch.Tensor, bias: Optional[torch.Tensor], num_iterations: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def route_op(
+    u_hat: torch.Tensor, bias: Optional[torch.Tensor], logit_prior: Optional[torch.Tensor], leaky: bool,
+    detach_inner: bool, return_couplings: bool, num_iterations: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_route_args(u_hat, num_iterations, leading_dims=False)
-    _check_bias(u_hat, None, bias)
-    return routing_forward(u_hat, None, num_iterations, bias=bias)
+    _check_options(u_hat, None, bias, logit_prior, leaky, detach_inner, return_couplings)
+    return routing_forward(u_hat, None, num_iterations, bias=bias, logit_prior=logit_prior, leaky=leaky,
+                           return_couplings=return_couplings)
 
 
 @torch.library.custom_op("capsrouting::route_triton_backward", mutates_args=())
 def route_backward_op(
-    grad_v: torch.Tensor, u_hat: torch.Tensor, bias: Optional[torch.Tensor], s_saved: torch.Tensor,
-    Vprev_saved: torch.Tensor, num_iterations: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    du_hat, _, dbias = routing_backward(grad_v, u_hat, None, s_saved, Vprev_saved, num_iterations, bias=bias)
-    return du_hat, dbias if dbias is not None else _no_bias(u_hat)
+    grad_v: torch.Tensor, u_hat: torch.Tensor, bias: Optional[torch.Tensor], logit_prior: Optional[torch.Tensor],
+    leaky: bool, detach_inner: bool, option_grads: bool, s_saved: torch.Tensor, Vprev_saved: torch.Tensor,
+    num_iterations: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    du_hat, _, dbias, dprior = routing_backward(grad_v, u_hat, None, s_saved, Vprev_saved, num_iterations, bias=bias,
+                                                logit_prior=logit_prior, leaky=leaky, detach_inner=detach_inner,
+                                                option_grads=option_grads)
+    return du_hat, *_option_grads_or_empty(u_hat, dbias, dprior)
 
 
-def _fake_forward(x, W, num_iterations):
-    B, _, J, D, _ = _shape(x, W)
+def _fake_forward(x, W, num_iterations, return_couplings):
+    B, I, J, D, _ = _shape(x, W)
     acc = accumulation_dtype(x.dtype)
     saved = x.new_empty(num_iterations, B, J, D, dtype=acc)
-    return x.new_empty(B, J, D), saved, torch.empty_like(saved)
+    c = x.new_empty((B, I, J) if return_couplings else (0,))
+    return x.new_empty(B, J, D), c, saved, torch.empty_like(saved)
 
 
 @capsule_routing_op.register_fake
-def _(u, W, bias, num_iterations):
+def _(u, W, bias, logit_prior, leaky, detach_inner, return_couplings, num_iterations):
     check_capsule_routing_args(u, W, num_iterations, leading_dims=False)  # as the real op checks
-    _check_bias(u, W, bias)
-    return _fake_forward(u, W, num_iterations)
+    _check_options(u, W, bias, logit_prior, leaky, detach_inner, return_couplings)
+    return _fake_forward(u, W, num_iterations, return_couplings)
 
 
 @route_op.register_fake
-def _(u_hat, bias, num_iterations):
+def _(u_hat, bias, logit_prior, leaky, detach_inner, return_couplings, num_iterations):
     check_route_args(u_hat, num_iterations, leading_dims=False)
-    _check_bias(u_hat, None, bias)
-    return _fake_forward(u_hat, None, num_iterations)
+    _check_options(u_hat, None, bias, logit_prior, leaky, detach_inner, return_couplings)
+    return _fake_forward(u_hat, None, num_iterations, return_couplings)
 
 
-def _fake_dbias(x, bias):
-    return torch.empty_like(bias) if bias is not None else _no_bias(x)
+def _fake_option_grads(x, bias, logit_prior, option_grads):
+    fake = lambda t: torch.empty_like(t) if t is not None and option_grads else _empty(x)  # noqa: E731
+    return fake(bias), fake(logit_prior)
 
 
 capsule_routing_backward_op.register_fake(
-    lambda grad_v, u, W, bias, s, V, n: (torch.empty_like(u), torch.empty_like(W), _fake_dbias(u, bias))
+    lambda grad_v, u, W, bias, prior, leaky, detach, option_grads, s, V, n: (
+        torch.empty_like(u), torch.empty_like(W), *_fake_option_grads(u, bias, prior, option_grads))
 )
-route_backward_op.register_fake(lambda grad_v, u_hat, bias, s, V, n: (torch.empty_like(u_hat), _fake_dbias(u_hat, bias)))
+route_backward_op.register_fake(
+    lambda grad_v, u_hat, bias, prior, leaky, detach, option_grads, s, V, n: (
+        torch.empty_like(u_hat), *_fake_option_grads(u_hat, bias, prior, option_grads))
+)
 
-register_routing_autograd(capsule_routing_op, capsule_routing_backward_op, has_weights=True, has_bias=True)
-register_routing_autograd(route_op, route_backward_op, has_weights=False, has_bias=True)
+register_routing_autograd(capsule_routing_op, capsule_routing_backward_op, has_weights=True, with_options=True)
+register_routing_autograd(route_op, route_backward_op, has_weights=False, with_options=True)
 register_backward_op_autograd(capsule_routing_backward_op, "capsrouting::capsule_routing_triton_backward")
 register_backward_op_autograd(route_backward_op, "capsrouting::route_triton_backward")
 
 
 # ---- backend entry points ----------------------------------------------------------------------
 
-
-def capsule_routing(u: torch.Tensor, W: torch.Tensor, num_iterations: int, options=None) -> torch.Tensor:
-    bias = options.bias if options is not None else None
-    return capsule_routing_op(u.contiguous(), W.contiguous(), bias, num_iterations)[0]
+_NO_OPTIONS = (None, None, False, False, False)
 
 
-def route(u_hat: torch.Tensor, num_iterations: int, options=None) -> torch.Tensor:
-    bias = options.bias if options is not None else None
-    return route_op(u_hat.contiguous(), bias, num_iterations)[0]
+def _op_options(options) -> tuple:
+    if options is None:
+        return _NO_OPTIONS
+    return options.bias, options.logit_prior, options.leaky, options.detach_inner, options.return_couplings
+
+
+def _result(out, options):
+    v, c = out[0], out[1]
+    return (v, c) if options is not None and options.return_couplings else v
+
+
+def capsule_routing(u: torch.Tensor, W: torch.Tensor, num_iterations: int, options=None):
+    return _result(capsule_routing_op(u.contiguous(), W.contiguous(), *_op_options(options), num_iterations), options)
+
+
+def route(u_hat: torch.Tensor, num_iterations: int, options=None):
+    return _result(route_op(u_hat.contiguous(), *_op_options(options), num_iterations), options)
 
 
 def _shape_reason(x: torch.Tensor, W: Optional[torch.Tensor]) -> Optional[str]:
@@ -554,7 +620,8 @@ def _shape_reason(x: torch.Tensor, W: Optional[torch.Tensor]) -> Optional[str]:
     # The kernels address W, and a batch tile's samples from the tile's first, with 32-bit offsets.
     if W is not None and W.numel() >= 2**31:
         return f"the triton backend supports W with fewer than 2**31 elements; got {W.numel()}"
-    per_sample = math.prod(x.shape[1:])
+    # The couplings (return_couplings) are addressed likewise: I x J per sample.
+    per_sample = max(math.prod(x.shape[1:]), x.shape[1] * J)
     if per_sample * _MAX_BLOCK_B >= 2**31:
         return (f"the triton backend supports inputs with fewer than {2**31 // _MAX_BLOCK_B} elements per sample; "
                 f"got {per_sample}")
@@ -570,6 +637,6 @@ register(
         capsule_routing=capsule_routing,
         route=route,
         shape_reason=_shape_reason,
-        options=frozenset({"bias"}),
+        options=frozenset({"bias", "logit_prior", "leaky", "detach_inner", "return_couplings"}),
     )
 )

@@ -73,4 +73,25 @@ inline void check_backward_args(const at::Tensor& grad_v, const at::Tensor& x, c
   }
 }
 
+// The routing options of DESIGN.md §6: bias (J, D) and logit_prior (I, J), undefined or of x's dtype and device.
+inline void check_routing_options(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
+                                  const c10::optional<at::Tensor>& logit_prior, int64_t I, int64_t J, int64_t D) {
+  struct Option {
+    const char* name;
+    const c10::optional<at::Tensor>& t;
+    int64_t rows, cols;
+    const char* layout;
+  };
+  for (const Option& o : {Option{"bias", bias, J, D, "(J, Dout)"}, Option{"logit_prior", logit_prior, I, J, "(I, J)"}}) {
+    if (!o.t.has_value() || !o.t->defined()) continue;
+    const at::Tensor& t = *o.t;
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == o.rows && t.size(1) == o.cols, o.name, " must have shape ",
+                      o.layout, " = (", o.rows, ", ", o.cols, "), got shape ", t.sizes());
+    TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), o.name, " must have the dtype of the routed input, ",
+                     x.scalar_type(), ", got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == x.device(), o.name, " must be on the device of the routed input, ", x.device(),
+                      ", got ", t.device());
+  }
+}
+
 }  // namespace capsrouting

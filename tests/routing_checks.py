@@ -36,7 +36,8 @@ def _run(fn, inputs, grad_out):
 
 
 def _compare(name, got, want64, native, dtype):
-    for label, g, w, n in zip(["v", "grad 0", "grad 1"], got, want64, native or [None] * len(got)):
+    labels = ["v", *(f"grad {k}" for k in range(len(got) - 1))]
+    for label, g, w, n in zip(labels, got, want64, native or [None] * len(got), strict=True):
         assert g.dtype == dtype, f"{name} {label}: dtype {g.dtype}, expected {dtype}"
         if dtype in TOLERANCES:
             rtol, atol = TOLERANCES[dtype]
@@ -49,23 +50,45 @@ def _compare(name, got, want64, native, dtype):
             )
 
 
-def assert_matches_reference(backend, B, I, Din, J, Dout, R, *, dtype, device, entries=("capsule_routing", "route")):
-    """Forward and every gradient of ``backend`` against the float64 reference (CPU), for both entry points."""
+def routing_option_values(I, J, Dout, names, seed=2):
+    """The routing options ``names`` (DESIGN.md §6) for a problem of these sizes, tensors in float64 on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    values = dict(bias=0.1 + 0.3 * torch.randn(J, Dout, generator=g, dtype=torch.float64),
+                  logit_prior=torch.randn(I, J, generator=g, dtype=torch.float64), leaky=True, detach_inner=True)
+    return {name: values[name] for name in names}
+
+
+def assert_matches_reference(backend, B, I, Din, J, Dout, R, *, dtype, device, entries=("capsule_routing", "route"),
+                             options=None):
+    """Forward and every gradient of ``backend`` against the float64 reference (CPU), for both entry points.
+
+    ``options``: routing options (DESIGN.md §6); tensors among them are given in float64, cast to ``dtype``
+    and differentiated too.
+    """
     u, W = make_inputs(B, I, Din, J, Dout, dtype, device)
     grad_out = torch.randn(B, J, Dout, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     u64, W64 = u.double().cpu(), W.double().cpu()
     half = dtype not in TOLERANCES
-    if "capsule_routing" in entries:
-        got = _run(lambda a, b: capsrouting.capsule_routing(a, b, R, backend=backend), [u, W], grad_out.to(device))
-        want = _run(lambda a, b: reference.capsule_routing(a, b, R), [u64, W64], grad_out)
-        native = _run(lambda a, b: reference.capsule_routing(a, b, R), [u.cpu(), W.cpu()], grad_out) if half else None
-        _compare(f"{backend} capsule_routing", [t.cpu() for t in got], want, native, dtype)
-    if "route" in entries:
-        u_hat = reference.predictions(u.double(), W.double()).to(dtype)
-        got = _run(lambda x: capsrouting.route(x, R, backend=backend), [u_hat], grad_out.to(device))
-        want = _run(lambda x: reference.route(x, R), [u_hat.double().cpu()], grad_out)
-        native = _run(lambda x: reference.route(x, R), [u_hat.cpu()], grad_out) if half else None
-        _compare(f"{backend} route", [t.cpu() for t in got], want, native, dtype)
+    options = options or {}
+    names = [k for k, v in options.items() if isinstance(v, torch.Tensor)]
+    flags = {k: v for k, v in options.items() if k not in names}
+    opt64 = [options[k].double().cpu() for k in names]
+    opt = [t.to(device=device, dtype=dtype) for t in opt64]
+    opt_native = [t.to(dtype) for t in opt64]
+
+    def runner(fn, n_inputs):
+        return lambda *args: fn(*args[:n_inputs], R, **dict(zip(names, args[n_inputs:])), **flags)
+
+    for entry, n_inputs in (("capsule_routing", 2), ("route", 1)):
+        if entry not in entries:
+            continue
+        public = lambda *args, **kw: getattr(capsrouting, entry)(*args, backend=backend, **kw)  # noqa: E731
+        ref = getattr(reference, entry)
+        inputs = [u, W] if entry == "capsule_routing" else [reference.predictions(u.double(), W.double()).to(dtype)]
+        got = _run(runner(public, n_inputs), [*inputs, *opt], grad_out.to(device))
+        want = _run(runner(ref, n_inputs), [*(t.double().cpu() for t in inputs), *opt64], grad_out)
+        native = _run(runner(ref, n_inputs), [*(t.cpu() for t in inputs), *opt_native], grad_out) if half else None
+        _compare(f"{backend} {entry} {sorted(options)}", [t.cpu() for t in got], want, native, dtype)
 
 
 def _routing(u, W, num_iterations=3):

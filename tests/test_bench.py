@@ -32,3 +32,15 @@ def test_report_writes_json_table_and_plots(tmp_path):
     assert "| shape (B, I, Din, J, Dout, R, dtype) |" in table and "images/s" in table
     for plot in ("time_vs_B", "time_vs_I", "speedup"):
         assert (tmp_path / f"{record.stem}-{plot}.png").stat().st_size > 1000
+
+
+def test_options_report_times_every_variant_on_every_backend_that_runs_it(tmp_path):
+    _run([sys.executable, "-m", "bench.options", "--fast", "--repeats", "1", "--out-dir", str(tmp_path)])
+    [record] = list(tmp_path.glob("*-options.json"))
+    data = json.loads(record.read_text())
+    from bench.cases import OPTION_VARIANTS
+
+    for variant in OPTION_VARIANTS:  # the reference runs every variant; so does every fused backend listed
+        assert {"reference"} <= {r["backend"] for r in data["records"] if r["variant"] == variant}
+    assert all(r["forward"] > 0 and r["forward+backward"] > 0 for r in data["records"])
+    assert "| options | backend |" in record.with_suffix(".md").read_text()

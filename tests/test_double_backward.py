@@ -112,11 +112,11 @@ def test_differentiating_a_backward_op_directly_raises_a_clear_error(backend, de
     op = {"triton": ops.route_triton_backward, "cpu": ops.route_ext_backward, "cuda": ops.route_ext_backward}[backend]
     forward = {"triton": ops.route_triton, "cpu": ops.route_ext, "cuda": ops.route_ext}[backend]
     u_hat = torch.randn(2, 5, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
-    # The Triton ops take the routing bias (None here); the extension's do not.
-    bias = (None,) if backend == "triton" else ()
-    _, s_saved, V_saved = forward(u_hat.detach(), *bias, 2)
+    # The ops take the routing options: bias, logit_prior, leaky, detach_inner, and return_couplings or
+    # option_grads (all off here).
+    *_, s_saved, V_saved = forward(u_hat.detach(), None, None, False, False, False, 2)
     grad_v = torch.randn(2, 3, 4, dtype=torch.float64, device=device)
-    du_hat = op(grad_v, u_hat, *bias, s_saved, V_saved, 2)
+    du_hat = op(grad_v, u_hat, None, None, False, False, True, s_saved, V_saved, 2)
     du_hat = du_hat[0] if isinstance(du_hat, (tuple, list)) else du_hat
     with pytest.raises(RuntimeError, match="has no derivative of its own; differentiate capsrouting"):
         du_hat.sum().backward()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import capsrouting
-from capsrouting import reference
+from capsrouting import backends, reference
 from capsrouting.backends import resolve, unavailable_reason
 
 from routing_checks import (
@@ -20,6 +20,7 @@ from routing_checks import (
     assert_matches_reference,
     assert_non_contiguous_inputs_work,
     make_inputs,
+    routing_option_values,
 )
 from test_triton import allocation_sizes
 
@@ -106,20 +107,41 @@ def test_non_contiguous_inputs(backend, device):
     assert_non_contiguous_inputs_work(backend, device)
 
 
-def test_cpu_weight_gradient_bits_do_not_depend_on_threads():
-    """Each dW[i] is summed over the batch in a fixed order by one thread."""
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="cpu backend unavailable")
+@pytest.mark.parametrize("with_prior", [False, True], ids=["plain", "logit_prior"])
+def test_cpu_weight_gradient_bits_do_not_depend_on_threads(with_prior):
+    """Each dW[i] (and d logit_prior[i]) is summed over the batch in a fixed order by one thread."""
     u, W = make_inputs(50, 30, 5, 10, 4, torch.float32, "cpu", requires_grad=True)
+    prior = torch.randn(30, 10, requires_grad=True) if with_prior else None
+    inputs = (u, W, prior) if with_prior else (u, W)
     threads = torch.get_num_threads()
     grads = []
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            v = capsrouting.capsule_routing(u, W, 3, backend="cpu")
-            grads.append(torch.autograd.grad(v.square().sum(), (u, W)))
+            v = capsrouting.capsule_routing(u, W, 3, logit_prior=prior, backend="cpu")
+            grads.append(torch.autograd.grad(v.square().sum(), inputs))
     finally:
         torch.set_num_threads(threads)
     for other in grads[1:]:
-        assert torch.equal(grads[0][0], other[0]) and torch.equal(grads[0][1], other[1])
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
+
+
+# The routing options of DESIGN.md §6: those that change the forward together, and detach_inner alone
+# (the one-pass backward).
+OPTION_SETS = {"bias+prior+leaky": ("bias", "logit_prior", "leaky"), "detach_inner": ("detach_inner",)}
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("option_set", list(OPTION_SETS))
+def test_routing_options_within_the_tolerance_table(backend, device, option_set, dtype):
+    """A padded last chunk (B = 35), odd sizes; values and every gradient, the options' included."""
+    if "bias" not in backends.get(backend).options:
+        pytest.skip(f"the {backend} backend runs no routing option")
+    B, I, Din, J, Dout, R = 35, 37, 5, 10, 16, 3
+    options = routing_option_values(I, J, Dout, OPTION_SETS[option_set])
+    assert_matches_reference(backend, B, I, Din, J, Dout, R, dtype=dtype, device=device, options=options)
 
 
 def test_cpu_never_allocates_B_I_J_elements():
@@ -150,9 +172,14 @@ def test_cpu_never_allocates_B_I_J_elements():
 def test_opcheck(backend, device):
     ops = torch.ops.capsrouting
     u, W = make_inputs(18, 9, 3, 4, 5, torch.float32, device, requires_grad=True)
-    torch.library.opcheck(ops.capsule_routing_ext.default, (u, W, 3))
     u_hat = reference.predictions(u, W).detach().requires_grad_()
-    torch.library.opcheck(ops.route_ext.default, (u_hat, 2))
+    option_sets = [(None, None, False, False, False)]
+    if "bias" in backends.get(backend).options:  # and with every routing option on (DESIGN.md §6)
+        bias = torch.full((4, 5), 0.1, device=device, requires_grad=True)
+        option_sets.append((bias, torch.randn(9, 4, device=device, requires_grad=True), True, True, True))
+    for options in option_sets:
+        torch.library.opcheck(ops.capsule_routing_ext.default, (u, W, *options, 3))
+        torch.library.opcheck(ops.route_ext.default, (u_hat, *options, 2))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -176,25 +203,34 @@ def test_bad_input_same_errors_as_reference(backend, device, case):
 
 # The ops check their arguments in C++ too, for callers that bypass the Python API.
 _u, _W = torch.randn(2, 5, 3), torch.randn(5, 4, 6, 3)
+# The ops' routing options, all off: (bias, logit_prior, leaky, detach_inner, return_couplings) for a
+# forward, (bias, logit_prior, leaky, detach_inner, option_grads) for a backward.
+_OFF = (None, None, False, False, False)
+_OFF_BACKWARD = (None, None, False, False, True)
 DIRECT_OP_CASES = [
-    ("u_rank", lambda ops: ops.capsule_routing_ext(torch.randn(2, 5), _W, 3), ValueError, r"u must have shape \(B, I, Din\)"),
-    ("I_mismatch", lambda ops: ops.capsule_routing_ext(_u, torch.randn(6, 4, 6, 3), 3), ValueError, r"I = u.shape\[1\] = 5"),
-    ("Din_mismatch", lambda ops: ops.capsule_routing_ext(_u, torch.randn(5, 4, 6, 2), 3), ValueError, r"Din = u.shape\[2\] = 3"),
-    ("W_rank", lambda ops: ops.capsule_routing_ext(_u, torch.randn(5, 4, 6), 3), ValueError, r"W must have shape \(I, J, Dout, Din\)"),
-    ("int_u", lambda ops: ops.capsule_routing_ext(_u.long(), _W, 3), TypeError, "u must have dtype"),
-    ("int_W", lambda ops: ops.capsule_routing_ext(_u, _W.int(), 3), TypeError, "W must have dtype"),
+    ("u_rank", lambda ops: ops.capsule_routing_ext(torch.randn(2, 5), _W, *_OFF, 3), ValueError, r"u must have shape \(B, I, Din\)"),
+    ("I_mismatch", lambda ops: ops.capsule_routing_ext(_u, torch.randn(6, 4, 6, 3), *_OFF, 3), ValueError, r"I = u.shape\[1\] = 5"),
+    ("Din_mismatch", lambda ops: ops.capsule_routing_ext(_u, torch.randn(5, 4, 6, 2), *_OFF, 3), ValueError, r"Din = u.shape\[2\] = 3"),
+    ("W_rank", lambda ops: ops.capsule_routing_ext(_u, torch.randn(5, 4, 6), *_OFF, 3), ValueError, r"W must have shape \(I, J, Dout, Din\)"),
+    ("int_u", lambda ops: ops.capsule_routing_ext(_u.long(), _W, *_OFF, 3), TypeError, "u must have dtype"),
+    ("int_W", lambda ops: ops.capsule_routing_ext(_u, _W.int(), *_OFF, 3), TypeError, "W must have dtype"),
     # A meta W among CPU tensors dispatches to the fake kernel, which checks too; redispatching
     # to the CPU key reaches the C++ check itself.
-    ("mixed_device", lambda ops: ops.capsule_routing_ext(_u, _W.to("meta"), 3), ValueError, "same device"),
+    ("mixed_device", lambda ops: ops.capsule_routing_ext(_u, _W.to("meta"), *_OFF, 3), ValueError, "same device"),
     ("mixed_device_cpp", lambda ops: ops.capsule_routing_ext.default.redispatch(
-        torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), _u, _W.to("meta"), 3), ValueError, "u and W must be on the same device"),
-    ("mixed_dtype", lambda ops: ops.capsule_routing_ext(_u, _W.double(), 3), TypeError, "same dtype"),
-    ("zero_iterations", lambda ops: ops.route_ext(torch.randn(2, 5, 3, 4), 0), ValueError, "num_iterations must be >= 1"),
-    ("empty_J", lambda ops: ops.route_ext(torch.randn(2, 5, 0, 4), 3), ValueError, "every dimension but the batch"),
-    ("grad_shape", lambda ops: ops.route_ext_backward(torch.randn(2, 3, 5), torch.randn(2, 5, 3, 4), torch.zeros(2, 3, 3, 4), torch.zeros(2, 3, 3, 4), 3),
+        torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), _u, _W.to("meta"), *_OFF, 3), ValueError, "u and W must be on the same device"),
+    ("mixed_dtype", lambda ops: ops.capsule_routing_ext(_u, _W.double(), *_OFF, 3), TypeError, "same dtype"),
+    ("zero_iterations", lambda ops: ops.route_ext(torch.randn(2, 5, 3, 4), *_OFF, 0), ValueError, "num_iterations must be >= 1"),
+    ("empty_J", lambda ops: ops.route_ext(torch.randn(2, 5, 0, 4), *_OFF, 3), ValueError, "every dimension but the batch"),
+    ("grad_shape", lambda ops: ops.route_ext_backward(torch.randn(2, 3, 5), torch.randn(2, 5, 3, 4), *_OFF_BACKWARD, torch.zeros(2, 3, 3, 4), torch.zeros(2, 3, 3, 4), 3),
      ValueError, r"grad_v must have shape \(B, J, D\) = \(2, 3, 4\)"),
-    ("saved_dtype", lambda ops: ops.route_ext_backward(torch.randn(2, 3, 4), torch.randn(2, 5, 3, 4), torch.zeros(2, 3, 3, 4).double(), torch.zeros(2, 3, 3, 4), 3),
+    ("saved_dtype", lambda ops: ops.route_ext_backward(torch.randn(2, 3, 4), torch.randn(2, 5, 3, 4), *_OFF_BACKWARD, torch.zeros(2, 3, 3, 4).double(), torch.zeros(2, 3, 3, 4), 3),
      TypeError, "s_saved must have dtype Float"),
+    # The routing options (DESIGN.md §6) are checked in C++ as well.
+    ("bias_shape_cpp", lambda ops: ops.capsule_routing_ext(_u, _W, torch.randn(6, 4), None, False, False, False, 3),
+     ValueError, r"bias must have shape \(J, Dout\) = \(4, 6\), got shape \[6, 4\]"),
+    ("prior_dtype_cpp", lambda ops: ops.route_ext(torch.randn(2, 5, 3, 4), None, torch.randn(5, 3).double(), False, False,
+                                                  False, 3), TypeError, "logit_prior must have the dtype of the routed input"),
 ]
 
 

@@ -5,6 +5,7 @@ Every combination of the four options that change the routing is checked in floa
 and the gradients of every differentiable input. Backends that do not run an option yet are
 skipped by "auto" and refuse it when asked for; the fused kernels' support comes per backend.
 """
+import dataclasses
 import itertools
 import warnings
 
@@ -42,8 +43,15 @@ def make_problem(B, I, Din, J, Dout, combination, seed=0):
 
 
 def values_and_grads(fn, inputs):
-    """fn's output and the gradients of a fixed random projection of it wrt inputs (None where unreached)."""
+    """fn's output and the gradients of a fixed random projection of it wrt inputs (None where unreached).
+
+    An output (v, c) (return_couplings) gives ((v, c), grads); c must carry no gradient.
+    """
     out = fn()
+    if isinstance(out, tuple):
+        (v, c), grads = out, values_and_grads(lambda: out[0], inputs)[1]
+        assert not c.requires_grad and c.grad_fn is None
+        return (v, c), grads
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
     grads = torch.autograd.grad((out * weights).sum(), inputs, allow_unused=True)
     return out, grads
@@ -52,7 +60,7 @@ def values_and_grads(fn, inputs):
 def assert_same(actual, expected, what):
     out, grads = actual
     naive_out, naive_grads = expected
-    torch.testing.assert_close(out, naive_out, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: value\n{m}")
+    torch.testing.assert_close(out, naive_out, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: value\n{m}")  # (v[, c])
     for n, (g, ng) in enumerate(zip(grads, naive_grads)):
         if ng is None:
             assert g is None or torch.count_nonzero(g) == 0, f"{what}: input {n} gets a gradient the naive loop does not"
@@ -168,13 +176,15 @@ OPTION_VALUES = dict(bias=torch.full((4, 6), 0.1), logit_prior=torch.zeros(5, 4)
                      return_couplings=True)
 
 
-def test_a_backend_without_an_option_refuses_it_and_auto_falls_back_once(monkeypatch):
+@pytest.mark.parametrize("option", list(OPTION_VALUES))
+def test_a_backend_without_an_option_refuses_it_and_auto_falls_back_once(monkeypatch, option):
+    """The cpu backend runs every option, so it is made to lack ``option`` here."""
     monkeypatch.setattr(backends, "_announced", set())
-    lacking = [(n, o) for n in capsrouting.available_backends() if n != "torch" and "cpu" in backends.get(n).device_types()
-               for o in OPTION_VALUES if o not in backends.get(n).options]
-    if not lacking:
-        pytest.skip("every fused backend on CPU tensors runs every option")
-    name, option = lacking[0]
+    name = "cpu"
+    if name not in capsrouting.available_backends():
+        pytest.skip(f"the {name} backend is unavailable: {backends.unavailable_reason(name)}")
+    monkeypatch.setitem(backends._REGISTRY, name, dataclasses.replace(backends.get(name),
+                                                                      options=backends.get(name).options - {option}))
     u, W = torch.randn(2, 5, 3), torch.randn(5, 4, 6, 3)
     kwargs = {option: OPTION_VALUES[option]}
     with pytest.raises(ValueError, match=rf"backend '{name}' cannot run this problem: the {name} backend does not support {option}"):
@@ -251,7 +261,8 @@ FUSED_ON_CPU = [n for n in ("cpu", "triton") if n in capsrouting.available_backe
 @pytest.mark.parametrize("backend", FUSED_ON_CPU)
 def test_fused_backends_match_the_reference_on_the_options_they_run(backend, programs, monkeypatch):
     """Every combination of the options a fused backend lists, float64 values and gradients against the
-    torch backend; for Triton both launch paths (one launch, and input capsules split over programs)."""
+    torch backend; for Triton both launch paths (one launch, and input capsules split over programs).
+    Every other combination also returns the couplings (when the backend lists return_couplings)."""
     if backend == "triton":
         from capsrouting import triton_backend
 
@@ -262,31 +273,57 @@ def test_fused_backends_match_the_reference_on_the_options_they_run(backend, pro
     combinations = [c for c in COMBINATIONS if any(c) and all(n in supported for n, on in zip(OPTION_NAMES, c) if on)]
     if not combinations:
         pytest.skip(f"the {backend} backend runs no routing option yet")
-    for combination in combinations:
+    for k, combination in enumerate(combinations):
         for B, I, Din, J, Dout, R in SHAPES:
             u, W, u_hat, options, _ = make_problem(B, I, Din, J, Dout, combination)
+            options["return_couplings"] = k % 2 == 1 and "return_couplings" in supported
             extra = [options[k] for k in ("bias", "logit_prior") if options[k] is not None]
             for entry, args, inputs in (("capsule_routing", (u, W), [u, W, *extra]), ("route", (u_hat,), [u_hat, *extra])):
                 routing = getattr(capsrouting, entry)
                 assert_same(
                     values_and_grads(lambda: routing(*args, R, backend=backend, **options), inputs),
                     values_and_grads(lambda: routing(*args, R, backend="torch", **options), inputs),
-                    f"{backend} {entry} {_ids(combination)} R={R}",
+                    f"{backend} {entry} {_ids(combination)} R={R} return_couplings={options['return_couplings']}",
                 )
 
 
 @pytest.mark.parametrize("backend", [n for n in FUSED_ON_CPU if "bias" in backends.get(n).options])
-def test_double_backward_with_bias_equals_the_references(backend):
-    """create_graph=True through a fused op with a bias: second derivatives (a gradient penalty) as the reference's."""
+def test_double_backward_with_options_equals_the_references(backend):
+    """create_graph=True through a fused op with every option it lists on: second derivatives (a gradient
+    penalty) as the reference's."""
+    supported = backends.get(backend).options
+    combination = tuple(name in supported for name in OPTION_NAMES)
     results = {}
     for name in (backend, "torch"):
-        u, W, _, options, _ = make_problem(2, 4, 3, 3, 2, (True, False, False, False))
-        bias = options["bias"]
-        v = capsrouting.capsule_routing(u, W, 3, bias=bias, backend=name)
+        u, W, _, options, _ = make_problem(2, 4, 3, 3, 2, combination)
+        extra = [options[k] for k in ("bias", "logit_prior") if options[k] is not None]
+        v = capsrouting.capsule_routing(u, W, 3, backend=name, **options)
         (du,) = torch.autograd.grad(v.square().sum(), u, create_graph=True)
-        results[name] = torch.autograd.grad(du.square().sum(), (W, bias))
+        results[name] = torch.autograd.grad(du.square().sum(), (W, *extra))
     for got, want in zip(results[backend], results["torch"]):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", FUSED_ON_CPU)
+def test_options_under_autocast_reach_float32_parameters(backend):
+    """Inside torch.autocast(bfloat16) the options are cast with the inputs: v in bfloat16 as the torch
+    backend's, and the gradients of float32 bias and prior come back in float32."""
+    g = torch.Generator().manual_seed(4)
+    u, W = torch.randn(3, 9, 4, generator=g), 0.5 * torch.randn(9, 5, 6, 4, generator=g)
+    results = {}
+    for name in (backend, "torch"):
+        bias = torch.full((5, 6), 0.1, requires_grad=True)
+        prior = (0.3 * torch.randn(9, 5, generator=torch.Generator().manual_seed(5))).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v = capsrouting.capsule_routing(u, W, 3, bias=bias, logit_prior=prior, leaky=True, backend=name)
+        assert v.dtype == torch.bfloat16
+        grads = torch.autograd.grad(v.float().square().sum(), (bias, prior))
+        assert all(t.dtype == torch.float32 for t in grads)
+        results[name] = (v, *grads)
+    # The same bfloat16 inputs and float32 sums in both: v may differ by one bfloat16 rounding (2**-7), and
+    # the gradients through it as much.
+    for got, want in zip(results[backend], results["torch"]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7)
 
 
 @pytest.mark.parametrize("entry", ["capsule_routing", "route"])

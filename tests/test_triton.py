@@ -19,6 +19,7 @@ from routing_checks import (
     assert_matches_reference,
     assert_non_contiguous_inputs_work,
     make_inputs,
+    routing_option_values,
 )
 
 pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None, reason=f"triton backend: {unavailable_reason('triton')}")
@@ -63,6 +64,43 @@ def test_float64_matches_reference(shape):
 @pytest.mark.parametrize("shape", _case_ids(["B1", "non_pow2", "two_batch_tiles"]))
 def test_half_types_within_twice_the_reference_error(shape, dtype):
     assert_matches_reference("triton", *shape, dtype=dtype, device=DEVICE)
+
+
+# The routing options of DESIGN.md §6: those that change the forward together (with leaky's softmax and the
+# prior's logits in every kernel, the bias and prior gradients), and detach_inner alone (the one-pass backward).
+OPTION_SETS = {"bias+prior+leaky": ("bias", "logit_prior", "leaky"), "detach_inner": ("detach_inner",)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("option_set", list(OPTION_SETS))
+def test_routing_options_within_the_tolerance_table(option_set, dtype):
+    """Two batch tiles (tl.dot for half inputs), odd sizes; values and every gradient, options' included."""
+    B, I, Din, J, Dout, R = SHAPES["two_batch_tiles"]
+    options = routing_option_values(I, J, Dout, OPTION_SETS[option_set])
+    assert_matches_reference("triton", B, I, Din, J, Dout, R, dtype=dtype, device=DEVICE, options=options)
+
+
+def test_detach_inner_backward_is_one_pass(monkeypatch):
+    """With detach_inner and no bias or prior needing a gradient, phase 1 of the backward never runs
+    (DESIGN.md §6: du_hat = c(R) g_s(R)); with a bias that needs one, it does."""
+    from capsrouting import triton_backend
+
+    kernels = triton_backend._kernels()
+    reduce_kernel = kernels._routing_backward_reduce_kernel
+    monkeypatch.setattr(kernels, "_routing_backward_reduce_kernel", None)  # any launch would fail
+    u, W = make_inputs(3, 11, 4, 5, 6, torch.float64, DEVICE, requires_grad=True)
+    bias = torch.full((5, 6), 0.1, dtype=torch.float64, device=DEVICE)
+    for leaky in (False, True):
+        v = capsrouting.capsule_routing(u, W, 3, bias=bias, leaky=leaky, detach_inner=True, backend="triton")
+        got = torch.autograd.grad(v.square().sum(), (u, W))
+        v_ref = capsrouting.capsule_routing(u, W, 3, bias=bias, leaky=leaky, detach_inner=True, backend="torch")
+        for g, want in zip(got, torch.autograd.grad(v_ref.square().sum(), (u, W))):
+            torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)
+    bias.requires_grad_()
+    v = capsrouting.capsule_routing(u, W, 3, bias=bias, detach_inner=True, backend="triton")
+    with pytest.raises(TypeError):  # the phase-1 kernel is needed now: the None above cannot be launched
+        torch.autograd.grad(v.square().sum(), bias)
+    monkeypatch.setattr(kernels, "_routing_backward_reduce_kernel", reduce_kernel)
 
 
 def test_only_half_inputs_build_predictions_with_tl_dot():
@@ -218,10 +256,12 @@ def test_opcheck():
 
     u, W = make_inputs(2, 9, 3, 4, 5, torch.float32, DEVICE, requires_grad=True)
     bias = torch.full((4, 5), 0.1, device=DEVICE, requires_grad=True)
+    prior = torch.randn(9, 4, device=DEVICE, requires_grad=True)
     u_hat = reference.predictions(u, W).detach().requires_grad_()
-    for b in (None, bias):  # with and without the routing bias (DESIGN.md §6)
-        torch.library.opcheck(triton_backend.capsule_routing_op, (u, W, b, 3))
-        torch.library.opcheck(triton_backend.route_op, (u_hat, b, 2))
+    # Without routing options, and with every one of them on (DESIGN.md §6).
+    for options in ((None, None, False, False, False), (bias, prior, True, True, True)):
+        torch.library.opcheck(triton_backend.capsule_routing_op, (u, W, *options, 3))
+        torch.library.opcheck(triton_backend.route_op, (u_hat, *options, 2))
 
 
 def test_torch_compile_capsnet_training_step_matches_eager():

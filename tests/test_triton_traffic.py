@@ -83,7 +83,7 @@ def test_traffic_model_counts_what_the_kernels_move(monkeypatch, shape, entry, p
     B, I, J, Dout = x.shape[0], x.shape[1], shape[3], shape[4]
     plan = triton_backend.launch_plan(B, I, J, Dout, K, x.element_size(), programs)
     with counted_traffic() as forward:
-        v, s_saved, Vprev_saved = triton_backend.routing_forward(x, W, R)
+        v, _, s_saved, Vprev_saved = triton_backend.routing_forward(x, W, R)
     grad_v = torch.randn_like(v)
     with counted_traffic() as backward:
         triton_backend.routing_backward(grad_v, x, W, s_saved, Vprev_saved, R)
@@ -103,7 +103,7 @@ def counted(B, I, J, Dout, Din, R):
     """Bytes counted for a float32 forward and backward (one program wanted: no splits, no chunks)."""
     u, W = make_inputs(B, I, Din, J, Dout, torch.float32, "cpu")
     with counted_traffic() as forward:
-        v, s_saved, Vprev_saved = triton_backend.routing_forward(u, W, R)
+        v, _, s_saved, Vprev_saved = triton_backend.routing_forward(u, W, R)
     with counted_traffic() as backward:
         triton_backend.routing_backward(torch.ones_like(v), u, W, s_saved, Vprev_saved, R)
     return forward["loaded"], forward["loaded"] + backward["loaded"]

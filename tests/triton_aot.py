@@ -30,19 +30,23 @@ ELEMENT_SIZES = {"fp64": 8, "fp32": 4, "fp16": 2, "bf16": 2}
 # which block sizes it takes (a pair: the kernel's name for a LaunchConfig field), and its name
 # for LaunchConfig.gpu_options (warps and register cap).
 KERNELS = {
-    "_routing_forward_kernel": (("x_ptr", "W_ptr", "v_ptr", "bias_ptr"), ("BLOCK_B", "BLOCK_I", "BLOCK_J", "BLOCK_D", "DOT_K"),
+    "_routing_forward_kernel": (("x_ptr", "W_ptr", "v_ptr", "bias_ptr", "prior_ptr", "c_ptr"), ("BLOCK_B", "BLOCK_I", "BLOCK_J", "BLOCK_D", "DOT_K"),
                                 "forward"),
     "_routing_backward_reduce_kernel": (
-        ("x_ptr", "W_ptr", "grad_v_ptr"),
+        ("x_ptr", "W_ptr", "grad_v_ptr", "prior_ptr"),
         (("BLOCK_B", "REDUCE_BLOCK_B"), ("BLOCK_I", "REDUCE_BLOCK_I"), "BLOCK_J", "BLOCK_D"),
         "reduce",
     ),
     "_routing_backward_inputs_kernel": (
-        ("x_ptr", "W_ptr", "dx_ptr"),
+        ("x_ptr", "W_ptr", "dx_ptr", "prior_ptr"),
         (("BLOCK_I", "INPUTS_BLOCK_I"), "BLOCK_J", "BLOCK_D", "BLOCK_K", "W_IN_REGISTERS"),
         "inputs",
     ),
 }
+
+
+# Scalar arguments that are floats (the rest are integers).
+FLOAT_ARGS = ("leak",)
 
 
 def variants():
@@ -84,6 +88,8 @@ def compile_one(key, arch):
             # Without weights the launcher passes x for W (and for dW), so those take the input dtype.
             in_input_dtype = name in input_ptrs or (not has_w and name == "dW_ptr")
             signature[name] = "*" + (dtype if in_input_dtype else DTYPES[dtype])
+        elif name in FLOAT_ARGS:
+            signature[name] = "fp32"
         else:
             signature[name] = "i32"
     log = io.StringIO()

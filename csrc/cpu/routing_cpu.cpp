@@ -23,6 +23,14 @@
 // fixed tree. Each dW[i] belongs to one thread, so dW has the same bits whatever the
 // number of threads.
 //
+// Routing options (DESIGN.md §6, OptionValues): a bias is added to s(r) after each pass (and
+// saved with it); a logit prior enters every softmax (then the first iteration's couplings are
+// no longer 1/J, nor with leaky routing, whose extra zero logit each softmax also takes); the
+// forward can store the last iteration's couplings; phase 2 sums g_b into d logit_prior[i] (one
+// thread per i, chunks in order, then the lanes: thread-independent bits) and, with detach_inner,
+// keeps only c(R) g_s(R) in du_hat. With detach_inner and no bias or prior gradient wanted,
+// phase 1 stops after g_s(R) and phase 2 visits only r = R: one pass.
+//
 // Registers: one vector per accumulator (a row dot, a column of du or of dW); tiles
 // (J*Dout vectors) and the state of a group stay in L1/L2.
 //
@@ -172,17 +180,33 @@ struct Predictions {
   }
 };
 
-// c[j] = softmax over j of dot(uh[j], V[j]): the couplings of one input capsule.
-template <typename Vec>
-void couplings(const Vec* uh, const Vec* V, int64_t J, int64_t D, Vec* c) {
+// The routing options of DESIGN.md §6 as the loops read them (acc_t copies of the tensors).
+template <typename acc_t>
+struct OptionValues {
+  const acc_t* bias = nullptr;   // (J*D), added to s(r); null: none
+  const acc_t* prior = nullptr;  // (I, J), the initial logits; null: zeros
+  bool leaky = false;            // an extra zero logit in every softmax
+  bool detach_inner = false;     // backward: u_hat gets the last iteration's c g_s alone
+
+  const acc_t* prior_row(int64_t i, int64_t J) const { return prior != nullptr ? prior + i * J : nullptr; }
+  // The first iteration's couplings are 1/J: its logits are all zero and nothing leaks.
+  bool uniform_start() const { return prior == nullptr && !leaky; }
+};
+
+// c[j] = softmax over j of prior[j] + dot(uh[j], V[j]): the couplings of one input capsule
+// (prior null: no prior). leaky: an extra zero logit, c[j] = exp(b_j - m) / (exp(-m) + sum_k exp(b_k - m))
+// with m = max(0, max_k b_k).
+template <typename Vec, typename acc_t>
+void couplings(const Vec* uh, const Vec* V, int64_t J, int64_t D, const acc_t* prior, bool leaky, Vec* c) {
   for (int64_t j = 0; j < J; ++j) {
     Vec dot = {};
     for (int64_t d = 0; d < D; ++d) dot += uh[j * D + d] * V[j * D + d];
-    c[j] = dot;
+    c[j] = prior != nullptr ? dot + prior[j] : dot;
   }
   Vec max = c[0];
   for (int64_t j = 1; j < J; ++j) max = lanes_max(max, c[j]);
-  Vec sum = {};
+  if (leaky) max = lanes_max(max, Vec{});
+  Vec sum = leaky ? lanes_exp(Vec{} - max) : Vec{};
   for (int64_t j = 0; j < J; ++j) {
     c[j] = lanes_exp(c[j] - max);
     sum += c[j];
@@ -216,23 +240,39 @@ struct Routing {
   using Vec = Lanes<acc_t>;
   Predictions<scalar_t, acc_t> pred;
   Sizes sz;
+  OptionValues<acc_t> opt;
 
-  // Forward of chunks [begin, end): writes v, s(r) and V(r-1) of their elements.
-  void forward(int64_t begin, int64_t end, scalar_t* v_out, acc_t* s_saved, acc_t* Vprev_saved) const {
+  // The couplings of chunk's elements for input capsule i, stored to c_out (B, I, J).
+  void store_couplings(int64_t chunk, int64_t i, const Vec* c, scalar_t* c_out) const {
+    for (int64_t l = 0; l < sz.lanes(chunk); ++l)
+      for (int64_t j = 0; j < sz.J; ++j)
+        c_out[((chunk * sz.L + l) * sz.I + i) * sz.J + j] = static_cast<scalar_t>(c[j][l]);
+  }
+
+  // Forward of chunks [begin, end): writes v, s(r) and V(r-1) of their elements, and the last
+  // iteration's couplings to c_out unless it is null.
+  void forward(int64_t begin, int64_t end, scalar_t* v_out, acc_t* s_saved, acc_t* Vprev_saved,
+               scalar_t* c_out) const {
     const int64_t n = end - begin, J = sz.J, D = sz.D, JD = sz.JD(), R = sz.R;
     std::vector<Vec> V(n * JD, Vec{}), s(n * JD), uh(JD), c(J);
     const acc_t uniform = acc_t(1) / acc_t(J);
     for (int64_t r = 0; r < R; ++r) {
       std::fill(s.begin(), s.end(), Vec{});
+      scalar_t* c_store = r == R - 1 ? c_out : nullptr;
       for (int64_t i = 0; i < sz.I; ++i) {
         for (int64_t g = 0; g < n; ++g) {
           pred.load(begin + g, i, uh.data());
           Vec* s_g = s.data() + g * JD;
-          if (r == 0) {  // logits are all zero: every coupling is 1/J
+          if (r == 0 && opt.uniform_start()) {  // every coupling is 1/J
             for (int64_t e = 0; e < JD; ++e) s_g[e] += uniform * uh[e];
+            if (c_store != nullptr) {
+              std::fill(c.begin(), c.end(), Vec{} + uniform);
+              store_couplings(begin + g, i, c.data(), c_store);
+            }
           } else {
-            couplings(uh.data(), V.data() + g * JD, J, D, c.data());
+            couplings(uh.data(), V.data() + g * JD, J, D, opt.prior_row(i, J), opt.leaky, c.data());
             add_scaled_rows(c.data(), uh.data(), J, D, s_g);
+            if (c_store != nullptr) store_couplings(begin + g, i, c.data(), c_store);
           }
         }
       }
@@ -240,6 +280,8 @@ struct Routing {
         const int64_t chunk = begin + g;
         Vec* s_g = s.data() + g * JD;
         Vec* V_g = V.data() + g * JD;
+        if (opt.bias != nullptr)  // DESIGN.md §6: s(r) is saved with the bias in it
+          for (int64_t jd = 0; jd < JD; ++jd) s_g[jd] += opt.bias[jd];
         for (int64_t l = 0; l < sz.lanes(chunk); ++l) {
           const int64_t b = chunk * sz.L + l;
           for (int64_t jd = 0; jd < JD; ++jd) {
@@ -250,7 +292,7 @@ struct Routing {
         for (int64_t j = 0; j < J; ++j) {  // v = squash(s); V += v
           Vec n2 = {};
           for (int64_t d = 0; d < D; ++d) n2 += s_g[j * D + d] * s_g[j * D + d];
-          Vec f;
+          Vec f = {};
           for (int64_t l = 0; l < kLanes<acc_t>; ++l) f[l] = squash_factor(n2[l]);
           for (int64_t d = 0; d < D; ++d) {
             const Vec v = f * s_g[j * D + d];
@@ -265,9 +307,10 @@ struct Routing {
   }
 
   // Backward phase 1 for chunks [begin, end): g_s(r) and V(r-1) of every r, lane-minor,
-  // into gs_lanes and Vprev_lanes (chunks, R, J*D).
+  // into gs_lanes and Vprev_lanes (chunks, R, J*D). Not full (detach_inner, no option gradient):
+  // g_s(R) alone, from grad_v.
   void reduce_backward(int64_t begin, int64_t end, const scalar_t* grad_v, const acc_t* s_saved,
-                       const acc_t* Vprev_saved, Vec* gs_lanes, Vec* Vprev_lanes) const {
+                       const acc_t* Vprev_saved, Vec* gs_lanes, Vec* Vprev_lanes, bool full) const {
     const int64_t n = end - begin, J = sz.J, D = sz.D, JD = sz.JD(), R = sz.R;
     std::vector<Vec> A_suffix(n * JD, Vec{}), A(n * JD), uh(JD), c(J), gb(J), s(JD), gv(JD);
     for (int64_t g = 0; g < n; ++g) {  // V(r-1) lane-minor; padded lanes stay zero
@@ -296,7 +339,7 @@ struct Routing {
             n2 += s[j * D + d] * s[j * D + d];
             sg += s[j * D + d] * gv[j * D + d];
           }
-          Vec f, df2;
+          Vec f = {}, df2 = {};
           for (int64_t l = 0; l < kLanes<acc_t>; ++l) {
             f[l] = squash_factor(n2[l]);
             df2[l] = squash_backward_df2(n2[l]) * sg[l];
@@ -304,14 +347,14 @@ struct Routing {
           for (int64_t d = 0; d < D; ++d) gs[j * D + d] = f * gv[j * D + d] + df2 * s[j * D + d];
         }
       }
-      if (r == 0) break;
+      if (r == 0 || !full) break;
       // A(r) = sum_i g_b[i, j] u_hat[i, j]: flows into g_v of the iterations before r.
       std::fill(A.begin(), A.end(), Vec{});
       for (int64_t i = 0; i < sz.I; ++i) {
         for (int64_t g = 0; g < n; ++g) {
           const int64_t chunk = begin + g;
           pred.load(chunk, i, uh.data());
-          couplings(uh.data(), Vprev_lanes + (chunk * R + r) * JD, J, D, c.data());
+          couplings(uh.data(), Vprev_lanes + (chunk * R + r) * JD, J, D, opt.prior_row(i, J), opt.leaky, c.data());
           coupling_gradients(uh.data(), gs_lanes + (chunk * R + r) * JD, J, D, c.data(), gb.data());
           add_scaled_rows(gb.data(), uh.data(), J, D, A.data() + g * JD);
         }
@@ -320,28 +363,39 @@ struct Routing {
     }
   }
 
-  // Backward phase 2 for input capsules [begin, end): du (or du_hat) and dW[i].
+  // Backward phase 2 for input capsules [begin, end): du (or du_hat), dW[i], and dprior[i] (the sum of
+  // g_b(r) over the batch and the iterations) unless dprior is null. Not full: the last iteration alone.
   void input_backward(int64_t begin, int64_t end, const Vec* gs_lanes, const Vec* Vprev_lanes, scalar_t* dx,
-                      scalar_t* dW) const {
+                      scalar_t* dW, acc_t* dprior, bool full) const {
     const int64_t J = sz.J, D = sz.D, JD = sz.JD(), K = sz.K, Kp = sz.Kp(), R = sz.R, I = sz.I;
-    std::vector<Vec> uh(JD), du_hat(sz.chunks() * JD), c(J), gb(J);
+    std::vector<Vec> uh(JD), du_hat(sz.chunks() * JD), c(J), gb(J), dprior_i(J);
     const acc_t uniform = acc_t(1) / acc_t(J);
     for (int64_t i = begin; i < end; ++i) {
+      std::fill(dprior_i.begin(), dprior_i.end(), Vec{});
       for (int64_t chunk = 0; chunk < sz.chunks(); ++chunk) {
         pred.load(chunk, i, uh.data());
         Vec* duh = du_hat.data() + chunk * JD;
         std::fill(duh, duh + JD, Vec{});
-        for (int64_t r = 0; r < R; ++r) {
+        for (int64_t r = full ? 0 : R - 1; r < R; ++r) {
           const Vec* gs = gs_lanes + (chunk * R + r) * JD;
           const Vec* Vp = Vprev_lanes + (chunk * R + r) * JD;
-          if (r == 0) {  // uniform couplings, and V(0) = 0 cancels the g_b term
-            for (int64_t e = 0; e < JD; ++e) duh[e] += uniform * gs[e];
+          // DESIGN.md §6: with detach_inner only the last iteration's c g_s reaches u_hat; V(0) = 0
+          // cancels the first iteration's g_b V term in any case.
+          const bool takes_c = r == R - 1 || !opt.detach_inner;
+          const bool takes_gb = r > 0 && !opt.detach_inner;
+          if (r == 0 && opt.uniform_start() && dprior == nullptr) {  // uniform couplings
+            if (takes_c)
+              for (int64_t e = 0; e < JD; ++e) duh[e] += uniform * gs[e];
             continue;
           }
-          couplings(uh.data(), Vp, J, D, c.data());
-          add_scaled_rows(c.data(), gs, J, D, duh);
+          if (!takes_c && !takes_gb && dprior == nullptr) continue;
+          couplings(uh.data(), Vp, J, D, opt.prior_row(i, J), opt.leaky, c.data());
+          if (takes_c) add_scaled_rows(c.data(), gs, J, D, duh);
+          if (!takes_gb && dprior == nullptr) continue;
           coupling_gradients(uh.data(), gs, J, D, c.data(), gb.data());
-          add_scaled_rows(gb.data(), Vp, J, D, duh);
+          if (takes_gb) add_scaled_rows(gb.data(), Vp, J, D, duh);
+          if (dprior != nullptr)  // padded lanes have g_s = 0, so g_b = 0 there
+            for (int64_t j = 0; j < J; ++j) dprior_i[j] += gb[j];
         }
         const int64_t lanes = sz.lanes(chunk);
         if (pred.W == nullptr) {  // route: du_hat is the answer
@@ -361,6 +415,8 @@ struct Routing {
               dx[((chunk * sz.L + l) * I + i) * K + kb + q] = static_cast<scalar_t>(du[q][l]);
         }
       }
+      if (dprior != nullptr)  // over the chunks in order, then the lanes by a fixed tree: thread-independent bits
+        for (int64_t j = 0; j < J; ++j) dprior[i * J + j] = lanes_sum(dprior_i[j]);
       if (pred.W == nullptr) continue;
       // dW[i, jd, k] = sum_b du_hat[b, i, jd] u[b, i, k]: per lane over the chunks in order,
       // then across the lanes in a fixed tree, so the bits never depend on the threads.
@@ -412,7 +468,7 @@ Sizes sizes_of(const at::Tensor& x, const at::Tensor* W, int64_t R) {
 
 // Tensors whose pointers a Routing<> reads; kept alive for the duration of a call.
 struct Prepared {
-  at::Tensor x, W, u_lanes;
+  at::Tensor x, W, u_lanes, bias, logit_prior;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -432,34 +488,66 @@ Routing<scalar_t, acc_t> make_routing(const at::Tensor& x, const at::Tensor* W, 
   return routing;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor* W, int64_t R) {
+// acc_t copies of the option tensors, kept alive for the call, and the pointers the loops read.
+template <typename acc_t>
+OptionValues<acc_t> option_values(const RoutingOptions& options, at::ScalarType acc, Prepared& keep) {
+  OptionValues<acc_t> values;
+  if (options.bias.defined()) {
+    keep.bias = options.bias.to(acc).contiguous();
+    values.bias = keep.bias.data_ptr<acc_t>();
+  }
+  if (options.logit_prior.defined()) {
+    keep.logit_prior = options.logit_prior.to(acc).contiguous();
+    values.prior = keep.logit_prior.data_ptr<acc_t>();
+  }
+  values.leaky = options.leaky;
+  values.detach_inner = options.detach_inner;
+  return values;
+}
+
+}  // namespace
+
+ForwardResult forward(const at::Tensor& x, const at::Tensor& W_in, const RoutingOptions& options, int64_t R) {
+  const at::Tensor* W = W_in.defined() ? &W_in : nullptr;
   const Sizes sz = sizes_of(x, W, R);
   const auto acc = accumulate_type(x);
   auto v = at::empty({sz.B, sz.J, sz.D}, x.options());
+  auto c = options.return_couplings ? at::empty({sz.B, sz.I, sz.J}, x.options()) : at::Tensor();
   auto s_saved = at::empty({sz.B, R, sz.J, sz.D}, x.options().dtype(acc));
   auto Vprev_saved = at::empty_like(s_saved);
-  if (sz.B == 0) return {v, s_saved, Vprev_saved};
+  if (sz.B == 0) return {v, c, s_saved, Vprev_saved};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Prepared keep;
-    const auto routing = make_routing<scalar_t, acc_t>(x, W, R, keep);
+    auto routing = make_routing<scalar_t, acc_t>(x, W, R, keep);
+    routing.opt = option_values<acc_t>(options, acc, keep);
+    scalar_t* c_out = c.defined() ? c.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, sz.chunks(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; g += kGroup)
         routing.forward(g, std::min(end, g + kGroup), v.data_ptr<scalar_t>(), s_saved.data_ptr<acc_t>(),
-                        Vprev_saved.data_ptr<acc_t>());
+                        Vprev_saved.data_ptr<acc_t>(), c_out);
     });
   });
-  return {v, s_saved, Vprev_saved};
+  return {v, c, s_saved, Vprev_saved};
 }
 
-std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_v, const at::Tensor& x, const at::Tensor* W,
-                                            const at::Tensor& s_saved, const at::Tensor& Vprev_saved, int64_t R) {
+BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at::Tensor& W_in,
+                        const RoutingOptions& options, const at::Tensor& s_saved, const at::Tensor& Vprev_saved,
+                        int64_t R) {
+  const at::Tensor* W = W_in.defined() ? &W_in : nullptr;
   const Sizes sz = sizes_of(x, W, R);
-  // Phase 2 writes every element of dx and dW; only an empty batch leaves dW to be zeroed.
+  const bool full = options.full_backward();
+  const bool want_dbias = options.bias.defined() && options.option_grads;
+  const bool want_dprior = options.logit_prior.defined() && options.option_grads;
+  // Phase 2 writes every element of dx, dW and dprior; only an empty batch leaves them to be zeroed.
   auto dx = at::empty(x.sizes(), x.options());
   auto dW = W != nullptr ? at::empty(W->sizes(), W->options()) : at::Tensor();
-  if (sz.B == 0) return {dx, W != nullptr ? dW.zero_() : dW};
   const auto acc = accumulate_type(x);
+  auto dprior = want_dprior ? at::empty({sz.I, sz.J}, x.options().dtype(acc)) : at::Tensor();
+  if (sz.B == 0) {
+    return {dx, W != nullptr ? dW.zero_() : dW, want_dbias ? at::zeros_like(options.bias) : at::Tensor(),
+            want_dprior ? at::zeros_like(options.logit_prior) : at::Tensor()};
+  }
   auto gs_lanes = at::empty({sz.chunks(), R, sz.JD(), sz.L}, x.options().dtype(acc));
   auto Vprev_lanes = at::zeros_like(gs_lanes);
   const auto grad = grad_v.contiguous();
@@ -468,40 +556,23 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_v, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Prepared keep;
-    const auto routing = make_routing<scalar_t, acc_t>(x, W, R, keep);
+    auto routing = make_routing<scalar_t, acc_t>(x, W, R, keep);
+    routing.opt = option_values<acc_t>(options, acc, keep);
     at::parallel_for(0, sz.chunks(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; g += kGroup)
         routing.reduce_backward(g, std::min(end, g + kGroup), grad.data_ptr<scalar_t>(), s_c.data_ptr<acc_t>(),
-                                Vprev_c.data_ptr<acc_t>(), lanes_of<acc_t>(gs_lanes), lanes_of<acc_t>(Vprev_lanes));
+                                Vprev_c.data_ptr<acc_t>(), lanes_of<acc_t>(gs_lanes), lanes_of<acc_t>(Vprev_lanes),
+                                full);
     });
     at::parallel_for(0, sz.I, 1, [&](int64_t begin, int64_t end) {
       routing.input_backward(begin, end, lanes_of<acc_t>(gs_lanes), lanes_of<acc_t>(Vprev_lanes),
-                             dx.data_ptr<scalar_t>(), W != nullptr ? dW.data_ptr<scalar_t>() : nullptr);
+                             dx.data_ptr<scalar_t>(), W != nullptr ? dW.data_ptr<scalar_t>() : nullptr,
+                             want_dprior ? dprior.data_ptr<acc_t>() : nullptr, full);
     });
   });
-  return {dx, dW};
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> capsule_routing_forward(const at::Tensor& u, const at::Tensor& W,
-                                                                       int64_t num_iterations) {
-  return forward(u, &W, num_iterations);
-}
-
-std::tuple<at::Tensor, at::Tensor> capsule_routing_backward(const at::Tensor& grad_v, const at::Tensor& u,
-                                                            const at::Tensor& W, const at::Tensor& s_saved,
-                                                            const at::Tensor& Vprev_saved, int64_t num_iterations) {
-  return backward(grad_v, u, &W, s_saved, Vprev_saved, num_iterations);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> route_forward(const at::Tensor& u_hat, int64_t num_iterations) {
-  return forward(u_hat, nullptr, num_iterations);
-}
-
-at::Tensor route_backward(const at::Tensor& grad_v, const at::Tensor& u_hat, const at::Tensor& s_saved,
-                          const at::Tensor& Vprev_saved, int64_t num_iterations) {
-  return std::get<0>(backward(grad_v, u_hat, nullptr, s_saved, Vprev_saved, num_iterations));
+  // dbias = sum of g_s(r) over the batch (padded lanes hold zeros) and the iterations.
+  auto dbias = want_dbias ? gs_lanes.sum({0, 1, 3}).view({sz.J, sz.D}).to(options.bias.scalar_type()) : at::Tensor();
+  return {dx, dW, dbias, want_dprior ? dprior.to(options.logit_prior.scalar_type()) : dprior};
 }
 
 }  // namespace capsrouting::cpu

@@ -37,68 +37,95 @@ struct StreamLauncher {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x_in, const at::Tensor* W_in, int64_t R) {
+// acc_t copies of the option tensors on the device, kept alive for the launches.
+struct OptionTensors {
+  at::Tensor bias, logit_prior;
+  OptionTensors(const RoutingOptions& options, at::ScalarType acc) {
+    if (options.bias.defined()) bias = options.bias.to(acc).contiguous();
+    if (options.logit_prior.defined()) logit_prior = options.logit_prior.to(acc).contiguous();
+  }
+  template <typename scalar_t, typename acc_t>
+  Options<scalar_t, acc_t> kernel_options(const RoutingOptions& options) const {
+    Options<scalar_t, acc_t> opt;
+    opt.bias = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
+    opt.prior = logit_prior.defined() ? logit_prior.data_ptr<acc_t>() : nullptr;
+    opt.leaky = options.leaky;
+    opt.detach_inner = options.detach_inner;
+    opt.full = options.full_backward();
+    return opt;
+  }
+};
+
+ForwardResult forward(const at::Tensor& x_in, const at::Tensor* W_in, const RoutingOptions& options, int64_t R) {
   const Sizes sz = sizes_of(x_in, W_in, R);
   check_sizes(sz);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous();
   const auto W = W_in != nullptr ? W_in->contiguous() : at::Tensor();
+  const auto acc = accumulate_type(x);
   auto v = at::empty({sz.B, sz.J, sz.D}, x.options());
-  auto s_saved = at::empty({sz.B, R, sz.J, sz.D}, x.options().dtype(accumulate_type(x)));
+  auto c = options.return_couplings ? at::empty({sz.B, sz.I, sz.J}, x.options()) : at::Tensor();
+  auto s_saved = at::empty({sz.B, R, sz.J, sz.D}, x.options().dtype(acc));
   auto Vprev_saved = at::empty_like(s_saved);
-  if (sz.B == 0) return {v, s_saved, Vprev_saved};
+  if (sz.B == 0) return {v, c, s_saved, Vprev_saved};
+  const OptionTensors option_tensors(options, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    run_forward<scalar_t, acc_t>(sz, StreamLauncher{}, x.data_ptr<scalar_t>(),
+    auto opt = option_tensors.kernel_options<scalar_t, acc_t>(options);
+    opt.couplings = c.defined() ? c.data_ptr<scalar_t>() : nullptr;
+    run_forward<scalar_t, acc_t>(sz, StreamLauncher{}, opt, x.data_ptr<scalar_t>(),
                                  W.defined() ? W.data_ptr<scalar_t>() : nullptr, v.data_ptr<scalar_t>(),
                                  s_saved.data_ptr<acc_t>(), Vprev_saved.data_ptr<acc_t>());
   });
-  return {v, s_saved, Vprev_saved};
+  return {v, c, s_saved, Vprev_saved};
 }
 
-std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_v_in, const at::Tensor& x_in, const at::Tensor* W_in,
-                                            const at::Tensor& s_in, const at::Tensor& Vprev_in, int64_t R) {
+BackwardResult backward(const at::Tensor& grad_v_in, const at::Tensor& x_in, const at::Tensor* W_in,
+                        const RoutingOptions& options, const at::Tensor& s_in, const at::Tensor& Vprev_in, int64_t R) {
   const Sizes sz = sizes_of(x_in, W_in, R);
   check_sizes(sz);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous();
   const auto W = W_in != nullptr ? W_in->contiguous() : at::Tensor();
   const auto grad_v = grad_v_in.contiguous(), s_saved = s_in.contiguous(), Vprev_saved = Vprev_in.contiguous();
-  // backward_inputs writes every element of dx and dW; only an empty batch leaves dW to be zeroed.
+  const bool want_dbias = options.bias.defined() && options.option_grads;
+  const bool want_dprior = options.logit_prior.defined() && options.option_grads;
+  const auto acc = accumulate_type(x);
+  // backward_inputs writes every element of dx, dW and dprior; only an empty batch leaves them to be zeroed.
   auto dx = at::empty(x.sizes(), x.options());
   auto dW = W.defined() ? at::empty(W.sizes(), W.options()) : at::Tensor();
-  if (sz.B == 0) return {dx, W.defined() ? dW.zero_() : dW};
+  auto dprior = want_dprior ? at::empty({sz.I, sz.J}, x.options().dtype(acc)) : at::Tensor();
+  if (sz.B == 0) {
+    return {dx, W.defined() ? dW.zero_() : dW, want_dbias ? at::zeros_like(options.bias) : at::Tensor(),
+            want_dprior ? at::zeros_like(options.logit_prior) : at::Tensor()};
+  }
   auto gs_saved = at::empty_like(s_saved);
+  const OptionTensors option_tensors(options, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    run_backward<scalar_t, acc_t>(sz, StreamLauncher{}, x.data_ptr<scalar_t>(),
+    auto opt = option_tensors.kernel_options<scalar_t, acc_t>(options);
+    opt.dprior = want_dprior ? dprior.data_ptr<acc_t>() : nullptr;
+    run_backward<scalar_t, acc_t>(sz, StreamLauncher{}, opt, x.data_ptr<scalar_t>(),
                                   W.defined() ? W.data_ptr<scalar_t>() : nullptr, grad_v.data_ptr<scalar_t>(),
                                   s_saved.data_ptr<acc_t>(), Vprev_saved.data_ptr<acc_t>(), gs_saved.data_ptr<acc_t>(),
                                   dx.data_ptr<scalar_t>(), W.defined() ? dW.data_ptr<scalar_t>() : nullptr);
   });
-  return {dx, dW};
+  // dbias = sum of g_s(r) over the batch and the iterations (want_dbias implies the full backward:
+  // every g_s(r) is written).
+  auto dbias = want_dbias ? gs_saved.sum({0, 1}).to(options.bias.scalar_type()) : at::Tensor();
+  return {dx, dW, dbias, want_dprior ? dprior.to(options.logit_prior.scalar_type()) : dprior};
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> capsule_routing_forward(const at::Tensor& u, const at::Tensor& W,
-                                                                       int64_t num_iterations) {
-  return forward(u, &W, num_iterations);
+ForwardResult forward(const at::Tensor& x, const at::Tensor& W, const RoutingOptions& options, int64_t num_iterations) {
+  return forward(x, W.defined() ? &W : nullptr, options, num_iterations);
 }
 
-std::tuple<at::Tensor, at::Tensor> capsule_routing_backward(const at::Tensor& grad_v, const at::Tensor& u,
-                                                            const at::Tensor& W, const at::Tensor& s_saved,
-                                                            const at::Tensor& Vprev_saved, int64_t num_iterations) {
-  return backward(grad_v, u, &W, s_saved, Vprev_saved, num_iterations);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> route_forward(const at::Tensor& u_hat, int64_t num_iterations) {
-  return forward(u_hat, nullptr, num_iterations);
-}
-
-at::Tensor route_backward(const at::Tensor& grad_v, const at::Tensor& u_hat, const at::Tensor& s_saved,
-                          const at::Tensor& Vprev_saved, int64_t num_iterations) {
-  return std::get<0>(backward(grad_v, u_hat, nullptr, s_saved, Vprev_saved, num_iterations));
+BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at::Tensor& W,
+                        const RoutingOptions& options, const at::Tensor& s_saved, const at::Tensor& Vprev_saved,
+                        int64_t num_iterations) {
+  return backward(grad_v, x, W.defined() ? &W : nullptr, options, s_saved, Vprev_saved, num_iterations);
 }
 
 }  // namespace capsrouting::cuda

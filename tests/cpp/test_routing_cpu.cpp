@@ -77,14 +77,16 @@ int main() {
   };
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("capsrouting::capsule_routing_ext", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t)>();
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&, bool, bool, bool, int64_t)>();
   int failures = 0;
   for (const auto& c : cases) {
     const auto u = torch::randn({c.B, c.I, c.K}, torch::dtype(c.dtype));
     const auto W = torch::randn({c.I, c.J, c.D, c.K}, torch::dtype(c.dtype)) / std::sqrt(double(c.K));
     const auto want = naive_routing(u, W, c.R);
-    const double direct = max_error(std::get<0>(capsrouting::cpu::capsule_routing_forward(u, W, c.R)), want);
-    const double dispatched = max_error(std::get<0>(op.call(u, W, c.R)), want);
+    const double direct = max_error(std::get<0>(capsrouting::cpu::forward(u, W, {}, c.R)), want);
+    const double dispatched = max_error(std::get<0>(op.call(u, W, std::nullopt, std::nullopt, false, false, false, c.R)), want);
     const bool ok = direct <= c.tolerance && dispatched <= c.tolerance;
     failures += !ok;
     std::printf("%s B=%ld I=%ld Din=%ld J=%ld Dout=%ld R=%ld %s: max |error| %.2e (kernel) %.2e (dispatcher), tolerance %.0e\n",
