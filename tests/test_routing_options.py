@@ -22,6 +22,9 @@ OPTION_NAMES = ("bias", "logit_prior", "leaky", "detach_inner")
 COMBINATIONS = list(itertools.product((False, True), repeat=4))
 # (B, I, Din, J, Dout, R): odd sizes, one iteration (only the last, undetached) and three.
 SHAPES = [(2, 3, 2, 2, 3, 1), (2, 4, 3, 3, 2, 3)]
+# The fused backends that run on CPU tensors here (Triton under its interpreter).
+FUSED_ON_CPU = [n for n in ("cpu", "triton") if n in capsrouting.available_backends() and "cpu" in backends.get(n).device_types()]
+ALL_ON_CPU = ["torch", *FUSED_ON_CPU]
 
 
 def _ids(combination):
@@ -110,21 +113,23 @@ def test_couplings_are_the_last_iterations_and_carry_no_gradient(leaky):
     assert bool((rows < 1).all()) if leaky else torch.allclose(rows, torch.ones_like(rows))
 
 
-def test_gradcheck_with_every_option():
+@pytest.mark.parametrize("backend", ALL_ON_CPU)
+def test_gradcheck_with_every_option(backend):
     u, W, u_hat, options, _ = make_problem(2, 3, 2, 2, 3, (True, True, True, False))
     bias, prior = options["bias"], options["logit_prior"]
     torch.autograd.gradcheck(
-        lambda u, W, b, p: capsrouting.capsule_routing(u, W, 3, bias=b, logit_prior=p, leaky=True, backend="torch"),
+        lambda u, W, b, p: capsrouting.capsule_routing(u, W, 3, bias=b, logit_prior=p, leaky=True, backend=backend),
         (u, W, bias, prior),
     )
     # Not detach_inner: by design its gradient is not the derivative of the value (the naive loop checks it).
     torch.autograd.gradcheck(
-        lambda x, b, p: capsrouting.route(x, 2, bias=b, logit_prior=p, backend="torch"), (u_hat, bias, prior)
+        lambda x, b, p: capsrouting.route(x, 2, bias=b, logit_prior=p, backend=backend), (u_hat, bias, prior)
     )
 
 
+@pytest.mark.parametrize("backend", ALL_ON_CPU)
 @pytest.mark.parametrize("entry", ["capsule_routing", "route"])
-def test_leading_dimensions_route_each_position_separately(entry):
+def test_leading_dimensions_route_each_position_separately(entry, backend):
     """A (B, H, W, I, ...) input equals routing each (b, h, w) on its own; no leading dims gives one sample."""
     g = torch.Generator().manual_seed(3)
     I, Din, J, Dout = 5, 3, 4, 2
@@ -136,7 +141,7 @@ def test_leading_dimensions_route_each_position_separately(entry):
 
     def call(t):
         args = (t, W) if entry == "capsule_routing" else (t,)
-        return getattr(capsrouting, entry)(*args, 3, bias=bias, return_couplings=True, backend="torch")
+        return getattr(capsrouting, entry)(*args, 3, bias=bias, return_couplings=True, backend=backend)
 
     v, c = call(x)
     assert v.shape == (2, 3, 2, J, Dout) and c.shape == (2, 3, 2, I, J)
@@ -227,8 +232,9 @@ def test_capsnet_with_the_official_digit_bias_is_one_argument():
         CapsNet(routing_bias=1)
 
 
-def test_compiled_layer_with_options_matches_eager():
-    layer = CapsuleLayer(6, 3, 4, 5, num_iterations=3, backend="torch", bias=True, learn_logit_prior=True, leaky=True)
+@pytest.mark.parametrize("backend", ALL_ON_CPU)
+def test_compiled_layer_with_options_matches_eager(backend):
+    layer = CapsuleLayer(6, 3, 4, 5, num_iterations=3, backend=backend, bias=True, learn_logit_prior=True, leaky=True)
     u = torch.randn(3, 6, 3)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(u), layer(u))
@@ -253,8 +259,6 @@ def test_fused_backends_take_leading_dimensions(backend):
     torch.testing.assert_close(du, du_flat, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(dW, dW_flat, rtol=1e-10, atol=1e-12)
 
-
-FUSED_ON_CPU = [n for n in ("cpu", "triton") if n in capsrouting.available_backends() and "cpu" in backends.get(n).device_types()]
 
 
 @pytest.mark.parametrize("programs", [1, 64], ids=["one_launch", "split"])
