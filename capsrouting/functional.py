@@ -75,6 +75,13 @@ _OPTIONS_DOC = """
             raises ``ValueError`` when asked for."""
 
 
+def _checked_options(x: torch.Tensor, I: int, J: int, D: int, *options) -> RoutingOptions:
+    """The options (bias, logit_prior, leaky, detach_inner, return_couplings) of a call routing I inputs
+    to J capsules of D dims, checked (clear errors naming the option)."""
+    check_routing_options(x, I, J, D, *options)
+    return RoutingOptions(*options)
+
+
 def _run(backend: str, entry: str, x: torch.Tensor, W, num_iterations: int, options: RoutingOptions, autocasting: bool):
     """Resolve the backend and run ``entry`` on x with its leading dims flattened into one batch dim."""
     inner = 2 if W is not None else 3  # (I, Din) or (I, J, D)
@@ -106,9 +113,7 @@ def capsule_routing(
 ):
     (u, W, bias, logit_prior), autocasting = _cast_for_autocast(u, W, bias, logit_prior)
     check_capsule_routing_args(u, W, num_iterations)
-    I, J, D, _ = W.shape
-    check_routing_options(u, I, J, D, bias, logit_prior, leaky, detach_inner, return_couplings)
-    options = RoutingOptions(bias, logit_prior, leaky, detach_inner, return_couplings)
+    options = _checked_options(u, *W.shape[:3], bias, logit_prior, leaky, detach_inner, return_couplings)
     return _run(backend, "capsule_routing", u, W, num_iterations, options, autocasting)
 
 
@@ -125,9 +130,7 @@ def route(
 ):
     (u_hat, bias, logit_prior), autocasting = _cast_for_autocast(u_hat, bias, logit_prior)
     check_route_args(u_hat, num_iterations)
-    I, J, D = u_hat.shape[-3:]
-    check_routing_options(u_hat, I, J, D, bias, logit_prior, leaky, detach_inner, return_couplings)
-    options = RoutingOptions(bias, logit_prior, leaky, detach_inner, return_couplings)
+    options = _checked_options(u_hat, *u_hat.shape[-3:], bias, logit_prior, leaky, detach_inner, return_couplings)
     return _run(backend, "route", u_hat, None, num_iterations, options, autocasting)
 
 
