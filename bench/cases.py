@@ -29,6 +29,9 @@ class Shape:
     Dout: int
     R: int
     dtype: torch.dtype = torch.float32
+    # How "compiled" compiles the reference: Inductor, or aot_eager in the quick check (--fast), where
+    # the timings mean nothing and Inductor's code generation would only cost minutes of CI.
+    compile_backend: str = "inductor"
 
     @property
     def label(self) -> str:
@@ -44,7 +47,7 @@ def sweep(device: str, fast: bool = False, paper_layer_only: bool = False) -> Li
 
     ``paper_layer_only``: the batch sizes alone (the cases the speed targets are set on)."""
     if fast:  # tiny shapes: keeps the benchmark code exercised in CI
-        return [Shape(2, 16, 3, 4, 5, 2)]
+        return [Shape(2, 16, 3, 4, 5, 2, compile_backend="aot_eager")]
     shapes = [dataclasses.replace(PAPER, B=B) for B in (1, 32, 128, 512)]
     if paper_layer_only:
         return shapes
@@ -72,11 +75,11 @@ def skip_reason(backend: str, shape: Shape, device: str):
     return backends.get(backend).shape_reason(x, W)
 
 
-def _compiled_reference(R: int):
+def _compiled(fn: Callable, shape: Shape) -> Callable:
     # A fresh compile per case: dynamo caches per code object, and a sweep of shapes and
     # passes would otherwise hit its recompile limit and silently run the eager code.
     torch._dynamo.reset()
-    return torch.compile(lambda u, W: torch_backend.capsule_routing(u, W, R), dynamic=False)
+    return torch.compile(fn, dynamic=False, backend=shape.compile_backend)
 
 
 # The routing options of DESIGN.md §6 as benchmark variants, as public CapsNets use them (README): the
@@ -101,19 +104,16 @@ def option_kwargs(variant: str, shape: Shape, device: str) -> dict:
             for k, v in kwargs.items()}
 
 
-def routing_fn(backend: str, R: int, options: Optional[dict] = None) -> Callable:
+def routing_fn(backend: str, shape: Shape, options: Optional[dict] = None) -> Callable:
     """``fn(u, W, **option_tensors)`` of one backend; ``options`` are the flags (the tensors are passed in)."""
+    R = shape.R
     flags = {k: v for k, v in (options or {}).items() if not isinstance(v, torch.Tensor)}
-    if backend == "reference" and not options:
-        return lambda u, W: torch_backend.capsule_routing(u, W, R)
     if backend in ("reference", "compiled"):
-        eager = lambda u, W, **tensors: capsrouting.capsule_routing(u, W, R, backend="torch", **tensors, **flags)  # noqa: E731
-        if backend == "reference":
-            return eager
-        if not options:
-            return _compiled_reference(R)
-        torch._dynamo.reset()
-        return torch.compile(eager, dynamic=False)
+        if options:
+            eager = lambda u, W, **t: capsrouting.capsule_routing(u, W, R, backend="torch", **t, **flags)  # noqa: E731
+        else:
+            eager = lambda u, W: torch_backend.capsule_routing(u, W, R)  # noqa: E731
+        return eager if backend == "reference" else _compiled(eager, shape)
     return lambda u, W, **tensors: capsrouting.capsule_routing(u, W, R, backend=backend, **tensors, **flags)
 
 
@@ -135,7 +135,7 @@ def make_runner(backend: str, shape: Shape, pass_: str, device: str, variant: st
     """A no-argument callable that runs one pass of one case (and waits for the device); forward+backward
     takes the gradients of u, W and the option tensors of ``variant``."""
     options = option_kwargs(variant, shape, device)
-    fn = routing_fn(backend, shape.R, options)
+    fn = routing_fn(backend, shape, options)
     tensors = {k: v for k, v in options.items() if isinstance(v, torch.Tensor)}
     u, W, grad_v = make_inputs(shape, device)
 
@@ -160,7 +160,7 @@ def check(backend: str, shape: Shape, device: str, variant: str = "none") -> Non
     tensors = {k: v for k, v in options.items() if isinstance(v, torch.Tensor)}
     results = []
     for name in (backend, "reference"):
-        v = routing_fn(name, shape.R, options)(u, W, **tensors)
+        v = routing_fn(name, shape, options)(u, W, **tensors)
         results.append([v, *torch.autograd.grad(v, (u, W, *tensors.values()), grad_v)])
     for label, got, want in zip(["v", "du", "dW", *(f"d{k}" for k in tensors)], *results):
         torch.testing.assert_close(got.float(), want.float(), **CHECK_TOLERANCE[shape.dtype],

@@ -14,14 +14,17 @@ cast to it and stores cast back once.
 Kernels
 -------
 _routing_forward_kernel
-    grid (ceil(B / BLOCK_B), num_splits). A program owns a tile of BLOCK_B batch
+    grid (ceil(B / BLOCK_B), splits). A program owns a tile of BLOCK_B batch
     elements, so every W tile it loads serves all of them: W is read
     ceil(B / BLOCK_B) times per iteration instead of B times.
-    num_splits == 1: the program runs all R iterations with V in registers;
-    one launch does the whole forward. num_splits > 1 (few batch tiles, which
-    would leave most of a GPU idle): each program sums its slice of the input
-    capsules for ONE iteration into a partial s, and the launcher combines
-    the slices (fixed order, so deterministic) between iterations.
+    one_launch: the program runs all R iterations with V in registers; one
+    launch does the whole forward. Else (few batch tiles, which would leave
+    most of a GPU idle, or the couplings asked for) each program sums its
+    slice of the input capsules (all of them with one split) for ONE
+    iteration into a partial s, and the launcher combines the slices (fixed
+    order, so deterministic) between iterations. Only these launches store
+    the couplings: in the one-launch loop their addresses would not fit the
+    registers of the largest tiles.
     Tiling: BLOCK_I input capsules at a time; the predictions tile is
     (BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D) in registers, built by a loop over K
     from a (BLOCK_B, BLOCK_I) column of u and a (BLOCK_I, BLOCK_J, BLOCK_D)
@@ -32,8 +35,8 @@ _routing_forward_kernel
     result moved into the tile's layout through it).
     Registers: the predictions tile, V and s (BLOCK_B x BLOCK_J x BLOCK_D each);
     v is stored every iteration (the last stays) rather than carried.
-    HAS_BIAS (the routing bias of DESIGN.md §6): a (J, D) bias, loaded once per
-    program (one register a thread), is added to s(r) before the squash and
+    The routing bias (OPTIONS, DESIGN.md §6): a (J, D) bias, loaded once per
+    program and iteration (from cache), is added to s(r) before the squash and
     saved with it, so the backward kernels need not know of it.
     Saved for backward: s(r) and V(r-1) for every r, (R, B, J, D) each, so
     that a tile's block of row r is contiguous and addressed from one scalar base.
@@ -58,15 +61,16 @@ _routing_backward_inputs_kernel
     every run. With several batch chunks each writes its own partial dW,
     summed in a fixed order. Registers: the W and dW tiles, u_hat and du_hat.
 
-Routing options (DESIGN.md §6). ``bias`` is the one variant (HAS_BIAS, above); the others are
-runtime scalars of every kernel, so no variant is compiled for them: ``logit_prior`` adds an
-(I, J) tile of prior logits to every coupling (``prior_cols`` = J, else 0: a mask bound, so
-nothing is loaded without it); ``leaky`` is ``leak`` = 0.0 (else -inf, which changes nothing) in
-the softmax; ``return_couplings`` stores c of the last iteration (``c_cols``); phase 2 sums
-g_b into d logit_prior (``dprior_cols``, one partial per batch chunk, the first Din chunk
-stores it) and with ``detach_inner`` weighs the terms of du_hat (only c(R) g_s(R) stays). With
-``detach_inner`` and no bias or prior gradient wanted, phase 1 does not run and phase 2 visits
-only r = R (``r_begin``): the backward is one pass.
+Routing options (DESIGN.md §6). Every kernel has two variants: OPTIONS = False, the plain op,
+compiled without a trace of them (so the default path is what it was before they existed), and
+OPTIONS = True, where they are runtime scalars (no variant per option): ``bias`` is added to s(r)
+(``bias_cols`` = J, else 0: a mask bound, so nothing is loaded without it), ``logit_prior`` adds
+an (I, J) tile of prior logits to every coupling (``prior_cols``), ``leaky`` is ``leak`` = 0.0
+(else -inf, which changes nothing) in the softmax, ``return_couplings`` stores c of the last
+iteration (``c_cols``); phase 2 sums g_b into d logit_prior (``dprior_cols``, one partial per batch
+chunk, the first Din chunk stores it) and with ``detach_inner`` weighs the terms of du_hat (only
+c(R) g_s(R) stays). With ``detach_inner`` and no bias or prior gradient wanted, phase 1 does not
+run and phase 2 visits only r = R (``r_begin``): the backward is one pass.
 
 Memory traffic per launch (bytes loaded and stored, from the shapes and these
 tilings) is modelled by ``triton_backend.forward_traffic`` and
@@ -198,18 +202,23 @@ def _prior_tile(prior_ptr, i0, i_end, j_offs, J, prior_cols, BLOCK_I: tl.constex
 
 
 @triton.jit
-def _batch_coupling(u_hat, V, j_valid, prior, leak):
-    """c[b, i, :] = softmax over j of prior[i, j] + u_hat[b, i, j] . V[b, j] for a (BLOCK_B, BLOCK_I,
-    BLOCK_J, BLOCK_D) tile (DESIGN.md §2, §6). Padded j get zero.
+def _batch_coupling(u_hat, V, j_valid, prior, leak, OPTIONS: tl.constexpr):
+    """c[b, i, :] = softmax over j of u_hat[b, i, j] . V[b, j] for a (BLOCK_B, BLOCK_I, BLOCK_J,
+    BLOCK_D) tile (DESIGN.md §2). Padded j get zero.
 
-    ``leak`` is 0.0 for leaky routing (an extra zero logit, dropped from the result) and -inf for the
-    plain softmax, where it changes nothing: with m = max(leak, max_j logits),
-    c = exp(b - m) / (exp(leak - m) + sum_k exp(b_k - m)). A runtime scalar, not a variant to compile.
+    OPTIONS (DESIGN.md §6): the logits start from prior (BLOCK_I, BLOCK_J), and ``leak`` is 0.0 for
+    leaky routing (an extra zero logit, dropped from the result) or -inf for the plain softmax, where
+    it changes nothing: with m = max(leak, max_j logits), c = exp(b - m) / (exp(leak - m) + sum_k exp(b_k - m)).
     """
-    logits = tl.where(j_valid, tl.sum(u_hat * V[:, None, :, :], axis=3) + prior[None, :, :], float("-inf"))
-    m = tl.maximum(tl.max(logits, axis=2), leak)[:, :, None]
-    e = tl.exp(logits - m)
-    return e / (tl.sum(e, axis=2)[:, :, None] + tl.exp(leak - m))
+    dots = tl.sum(u_hat * V[:, None, :, :], axis=3)
+    if OPTIONS:
+        logits = tl.where(j_valid, dots + prior[None, :, :], float("-inf"))
+        m = tl.maximum(tl.max(logits, axis=2), leak)[:, :, None]
+        e = tl.exp(logits - m)
+        return e / (tl.sum(e, axis=2)[:, :, None] + tl.exp(leak - m))
+    logits = tl.where(j_valid, dots, float("-inf"))
+    e = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
+    return e / tl.sum(e, axis=2)[:, :, None]
 
 
 @triton.jit
@@ -221,26 +230,32 @@ def _batch_logit_grad(u_hat, c, gs):
 
 @triton.jit
 def _batch_accumulate_s(
-    x_ptr, W_ptr, prior_ptr, c_ptr, b0, b_local, b_valid, V, i_begin, i_end, j_offs, d_offs, I, J, D, K,
+    x_ptr, W_ptr, prior_ptr, c_ptr, b0, b_local, b_valid, V, s, i_begin, i_end, j_offs, d_offs, I, J, D, K,
     prior_cols, leak, c_cols,
-    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr, DOT_K: tl.constexpr,
+    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr, DOT_K: tl.constexpr, OPTIONS: tl.constexpr,
+    STORE_C: tl.constexpr,
 ):
-    """Per batch element of the tile, sum over i in [i_begin, i_end) of c[i, j] u_hat[i, j].
+    """s plus, per batch element of the tile, the sum over i in [i_begin, i_end) of c[i, j] u_hat[i, j].
 
-    c_cols == J: the couplings c are also stored to c_ptr (B, I, J) (return_couplings); 0: not.
+    OPTIONS: the couplings take the prior and the leak. STORE_C: with c_cols == J they are also stored
+    to c_ptr (B, I, J) (return_couplings; 0: not).
     """
-    s = tl.zeros((b_local.shape[0], j_offs.shape[0], d_offs.shape[0]), dtype=ACC)
     j_valid = (j_offs < J)[None, None, :]
-    i_local = tl.arange(0, BLOCK_I)
-    bij_offs = (b_local[:, None, None] * I + i_local[None, :, None]) * J + j_offs[None, None, :]
     for i0 in range(_loop_bound(i_begin), _loop_bound(i_end), BLOCK_I):
         u_hat = _batch_predictions_tile(x_ptr, W_ptr, b0, b_local, b_valid, i0, i_end, j_offs, d_offs, I, J, D, K,
                                         HAS_W, ACC, BLOCK_I, DOT_K)
-        prior = _prior_tile(prior_ptr, i0, i_end, j_offs, J, prior_cols, BLOCK_I).to(ACC)
-        c = _batch_coupling(u_hat, V, j_valid, prior, leak)
+        if OPTIONS:
+            prior = _prior_tile(prior_ptr, i0, i_end, j_offs, J, prior_cols, BLOCK_I).to(ACC)
+            c = _batch_coupling(u_hat, V, j_valid, prior, leak, True)
+        else:
+            c = _batch_coupling(u_hat, V, j_valid, 0.0, 0.0, False)
+        if STORE_C:  # offsets built here, not held across the loop
+            i_local = tl.arange(0, BLOCK_I)
+            c_offs = (b_local[:, None, None] * I + i_local[None, :, None]) * J + j_offs[None, None, :]
+            c_mask = (b_valid[:, None, None] & (i0 + i_local < i_end)[None, :, None]
+                      & (j_offs < c_cols)[None, None, :])
+            tl.store((c_ptr + (b0 * I + i0) * J) + c_offs, c.to(c_ptr.dtype.element_ty), mask=c_mask)
         s += tl.sum(c[:, :, :, None] * u_hat, axis=1)
-        c_mask = b_valid[:, None, None] & (i0 + i_local < i_end)[None, :, None] & (j_offs < c_cols)[None, None, :]
-        tl.store((c_ptr + (b0 * I + i0) * J) + bij_offs, c.to(c_ptr.dtype.element_ty), mask=c_mask)
     return s
 
 
@@ -248,15 +263,19 @@ def _batch_accumulate_s(
 def _batch_agreement_grad(
     x_ptr, W_ptr, prior_ptr, b0, b_local, b_valid, Vp, gs, A, i_begin, i_end, j_offs, d_offs, I, J, D, K,
     prior_cols, leak,
-    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
+    HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr, OPTIONS: tl.constexpr,
 ):
     """A plus, per batch element of the tile, sum over i in [i_begin, i_end) of g_b[i, j] u_hat[i, j] (§3)."""
     j_valid = (j_offs < J)[None, None, :]
     for i0 in range(_loop_bound(i_begin), _loop_bound(i_end), BLOCK_I):
         u_hat = _batch_predictions_tile(x_ptr, W_ptr, b0, b_local, b_valid, i0, i_end, j_offs, d_offs, I, J, D, K,
                                         HAS_W, ACC, BLOCK_I, 0)
-        prior = _prior_tile(prior_ptr, i0, i_end, j_offs, J, prior_cols, BLOCK_I).to(ACC)
-        g_b = _batch_logit_grad(u_hat, _batch_coupling(u_hat, Vp, j_valid, prior, leak), gs)
+        if OPTIONS:
+            prior = _prior_tile(prior_ptr, i0, i_end, j_offs, J, prior_cols, BLOCK_I).to(ACC)
+            c = _batch_coupling(u_hat, Vp, j_valid, prior, leak, True)
+        else:
+            c = _batch_coupling(u_hat, Vp, j_valid, 0.0, 0.0, False)
+        g_b = _batch_logit_grad(u_hat, c, gs)
         A += tl.sum(g_b[:, :, :, None] * u_hat, axis=1)
     return A
 
@@ -310,22 +329,23 @@ def _state_ptrs(ptr, row, B, b0, J, D, bjd_offs):
 def _routing_forward_kernel(
     x_ptr,        # u (B, I, K) if HAS_W else u_hat (B, I, J, D), contiguous
     W_ptr,        # W (I, J, D, K), contiguous; ignored unless HAS_W
-    v_ptr,        # out: v (B, J, D), input dtype (num_splits == 1 only)
-    s_ptr,        # out: s(r) (R, B, J, D) in the compute dtype; partial s (num_splits, B, J, D) if num_splits > 1
-    Vprev_ptr,    # out: V(r-1) (R, B, J, D) (num_splits == 1); in: V (B, J, D) for this iteration (num_splits > 1)
-    bias_ptr,     # bias (J, D), input dtype, added to s(r) (HAS_BIAS, num_splits == 1; the launcher adds it otherwise)
+    v_ptr,        # out: v (B, J, D), input dtype (one_launch only)
+    s_ptr,        # out: s(r) (R, B, J, D) in the compute dtype (one_launch); else partial s (splits, B, J, D)
+    Vprev_ptr,    # out: V(r-1) (R, B, J, D) (one_launch); else in: V (B, J, D) for this iteration
+    bias_ptr,     # bias (J, D), input dtype, added to s(r) if bias_cols > 0 (one_launch; else the launcher)
     prior_ptr,    # logit_prior (I, J), input dtype; read only if prior_cols > 0
-    c_ptr,        # out: the couplings (B, I, J), input dtype; written only if c_cols > 0
+    c_ptr,        # out: the couplings (B, I, J), input dtype; written only if c_cols > 0 (not one_launch)
     B, I, J, D, K, R,
-    num_splits,   # programs per batch tile along grid axis 1
+    one_launch,   # 1: this launch runs every iteration; 0: one iteration over this program's input slice
     i_per_split,  # input capsules per program along grid axis 1
-    # DESIGN.md §6 options as runtime scalars, not variants to compile. Flags are column counts, so that
-    # they enter masks as bounds (j < J: on; j < 0: off):
+    # The options of DESIGN.md §6 (read only with OPTIONS) as runtime scalars. Flags are column counts,
+    # so that they enter masks as bounds (j < J: on; j < 0: off):
+    bias_cols,    # J if a bias is given, else 0
     prior_cols,   # J if a logit_prior is given, else 0
     leak,         # 0.0: leaky routing; -inf: the plain softmax
-    c_cols,       # J: store the couplings of the last iteration (num_splits == 1) or of this launch (> 1); 0: not
+    c_cols,       # J: store this launch's couplings (not one_launch); 0: not
     HAS_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    OPTIONS: tl.constexpr,  # False: the plain op, compiled without a trace of the options
     BLOCK_B: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -336,17 +356,19 @@ def _routing_forward_kernel(
     ACC: tl.constexpr = s_ptr.dtype.element_ty
     b0, b_local, b_valid, j_offs, d_offs, bjd_offs, bjd_mask = _batch_tile(B, J, D, BLOCK_B, BLOCK_J, BLOCK_D)
 
-    if num_splits == 1:
+    if one_launch:
         V = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
-        if HAS_BIAS:  # DESIGN.md §6: added to s in every iteration, so s(r) is saved with it
-            _, _, jd_offs, jd_mask = _jd_block(J, D, BLOCK_J, BLOCK_D)  # one (J, D) block, not one per element
-            bias = tl.load(bias_ptr + jd_offs, mask=jd_mask, other=0.0).to(ACC)[None, :, :]
         for r in range(_loop_bound(R)):
             tl.store(_state_ptrs(Vprev_ptr, r, B, b0, J, D, bjd_offs), V, mask=bjd_mask)
-            s = _batch_accumulate_s(x_ptr, W_ptr, prior_ptr, c_ptr, b0, b_local, b_valid, V, 0, I, j_offs, d_offs,
-                                    I, J, D, K, prior_cols, leak, tl.where(r == R - 1, c_cols, 0), HAS_W, ACC, BLOCK_I, DOT_K)
-            if HAS_BIAS:
-                s += bias
+            s = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
+            if OPTIONS:  # DESIGN.md §6: the bias is in s(r) in every iteration, so s(r) is saved with it. It
+                # starts the sum, loaded (from cache) each iteration: held across the pass, or added after
+                # it, its copy broadcast over the batch tile took registers that the largest tiles lack.
+                j_b, _, jd_offs, jd_mask = _jd_block(J, D, BLOCK_J, BLOCK_D)
+                bias_mask = jd_mask & (j_b < bias_cols)[:, None]
+                s += tl.load(bias_ptr + jd_offs, mask=bias_mask, other=0.0).to(ACC)[None, :, :]
+            s = _batch_accumulate_s(x_ptr, W_ptr, prior_ptr, c_ptr, b0, b_local, b_valid, V, s, 0, I, j_offs, d_offs,
+                                    I, J, D, K, prior_cols, leak, 0, HAS_W, ACC, BLOCK_I, DOT_K, OPTIONS, False)
             tl.store(_state_ptrs(s_ptr, r, B, b0, J, D, bjd_offs), s, mask=bjd_mask)
             v = _batch_squash(s, SQUASH_EPS)
             V += v
@@ -355,8 +377,9 @@ def _routing_forward_kernel(
     else:
         V = tl.load(_state_ptrs(Vprev_ptr, 0, B, b0, J, D, bjd_offs), mask=bjd_mask, other=0.0)
         i_begin, i_end = _split_range(split, i_per_split, I)
-        s = _batch_accumulate_s(x_ptr, W_ptr, prior_ptr, c_ptr, b0, b_local, b_valid, V, i_begin, i_end, j_offs,
-                                d_offs, I, J, D, K, prior_cols, leak, c_cols, HAS_W, ACC, BLOCK_I, DOT_K)
+        s = _batch_accumulate_s(x_ptr, W_ptr, prior_ptr, c_ptr, b0, b_local, b_valid, V,
+                                tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC), i_begin, i_end, j_offs, d_offs,
+                                I, J, D, K, prior_cols, leak, c_cols, HAS_W, ACC, BLOCK_I, DOT_K, OPTIONS, OPTIONS)
         tl.store(_state_ptrs(s_ptr, split, B, b0, J, D, bjd_offs), s, mask=bjd_mask)
 
 
@@ -374,9 +397,10 @@ def _routing_backward_reduce_kernel(
     r_only,       # the one iteration this launch reduces (num_splits > 1)
     num_splits,
     i_per_split,
-    prior_cols,   # as the forward's
+    prior_cols,   # as the forward's (read only with OPTIONS)
     leak,
     HAS_W: tl.constexpr,
+    OPTIONS: tl.constexpr,  # False: the plain op
     BLOCK_B: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -399,14 +423,14 @@ def _routing_backward_reduce_kernel(
                 G = tl.where(rr > 0, G, 0.0)  # dL/dv reaches only v(R)
                 Vp = tl.load(_state_ptrs(Vprev_ptr, r, B, b0, J, D, bjd_offs), mask=bjd_mask, other=0.0)
                 G = _batch_agreement_grad(x_ptr, W_ptr, prior_ptr, b0, b_local, b_valid, Vp, gs, G, 0, I, j_offs,
-                                          d_offs, I, J, D, K, prior_cols, leak, HAS_W, ACC, BLOCK_I)
+                                          d_offs, I, J, D, K, prior_cols, leak, HAS_W, ACC, BLOCK_I, OPTIONS)
     else:
         Vp = tl.load(_state_ptrs(Vprev_ptr, r_only, B, b0, J, D, bjd_offs), mask=bjd_mask, other=0.0)
         gs = tl.load(_state_ptrs(gs_ptr, r_only, B, b0, J, D, bjd_offs), mask=bjd_mask, other=0.0)
         i_begin, i_end = _split_range(split, i_per_split, I)
         A = tl.zeros((BLOCK_B, BLOCK_J, BLOCK_D), dtype=ACC)
         A = _batch_agreement_grad(x_ptr, W_ptr, prior_ptr, b0, b_local, b_valid, Vp, gs, A, i_begin, i_end, j_offs,
-                                  d_offs, I, J, D, K, prior_cols, leak, HAS_W, ACC, BLOCK_I)
+                                  d_offs, I, J, D, K, prior_cols, leak, HAS_W, ACC, BLOCK_I, OPTIONS)
         tl.store(_state_ptrs(A_ptr, split, B, b0, J, D, bjd_offs), A, mask=bjd_mask)
 
 
@@ -422,12 +446,14 @@ def _routing_backward_inputs_kernel(
     dprior_ptr,   # out: d logit_prior partial (B_CHUNKS, I, J) in the compute dtype; written only if dprior_cols > 0
     B, I, J, D, K, R,
     b_per_chunk,  # batch elements per program along grid axis 2
+    # The options of DESIGN.md §6, read only with OPTIONS:
     prior_cols,   # as the forward's
     leak,
-    dprior_cols,  # J: sum g_b(r) over the chunk and the iterations into dprior (DESIGN.md §6); 0: not
+    dprior_cols,  # J: sum g_b(r) over the chunk and the iterations into dprior; 0: not
     detach_inner, # 1: du_hat = c(R) g_s(R) only; the other terms of the sum are the detached iterations'
     r_begin,      # first iteration to visit: R - 1 when detach_inner and no dprior is wanted, else 0
     HAS_W: tl.constexpr,
+    OPTIONS: tl.constexpr,  # False: the plain op
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -451,10 +477,14 @@ def _routing_backward_inputs_kernel(
     if HAS_W:
         W_tile = tl.load(W_ptr + ijdk_offs, mask=ijdk_mask, other=0.0).to(ACC)
         dW = tl.zeros((BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_K), dtype=ACC)
-    prior = _prior_tile(prior_ptr, i0, I, j_offs, J, prior_cols, BLOCK_I).to(ACC)
-    dprior = tl.zeros((BLOCK_I, BLOCK_J), dtype=ACC)
-    # detach_inner: iteration r < R adds neither c g_s nor g_b V(r-1) to du_hat (its u_hat was detached).
-    inner_weight = tl.where(detach_inner != 0, 0.0, 1.0)
+    if OPTIONS:
+        prior = _prior_tile(prior_ptr, i0, I, j_offs, J, prior_cols, BLOCK_I).to(ACC)
+        dprior = tl.zeros((BLOCK_I, BLOCK_J), dtype=ACC)
+        # detach_inner: iteration r < R adds neither c g_s nor g_b V(r-1) to du_hat (its u_hat was detached).
+        inner_weight = tl.where(detach_inner != 0, 0.0, 1.0)
+        r_first = r_begin
+    else:
+        r_first = 0
 
     b_begin = b_chunk * b_per_chunk
     b_end = tl.minimum(b_begin + b_per_chunk, B)
@@ -469,15 +499,20 @@ def _routing_backward_inputs_kernel(
             u_hat = _batch_predictions_tile(x_ptr, W_ptr, b, one, one == 0, i0, I, j_offs, d_offs, I, J, D, K,
                                             HAS_W, ACC, BLOCK_I, 0)
         du_hat = tl.zeros((1, BLOCK_I, BLOCK_J, BLOCK_D), dtype=ACC)
-        for r in range(_loop_bound(r_begin), _loop_bound(R)):
+        for r in range(_loop_bound(r_first), _loop_bound(R)):
             Vp = tl.load(_state_ptrs(Vprev_ptr, r, B, b, J, D, jd_offs), mask=jd_mask, other=0.0)[None, :, :]
             gs = tl.load(_state_ptrs(gs_ptr, r, B, b, J, D, jd_offs), mask=jd_mask, other=0.0)[None, :, :]
-            c = _batch_coupling(u_hat, Vp, j_valid, prior, leak)
-            g_b = _batch_logit_grad(u_hat, c, gs)
-            dprior += tl.sum(g_b, axis=0)
-            c_weight = tl.where(r == R - 1, 1.0, inner_weight)
-            du_hat += ((c * c_weight)[:, :, :, None] * gs[:, None, :, :]
-                       + (g_b * inner_weight)[:, :, :, None] * Vp[:, None, :, :])
+            if OPTIONS:
+                c = _batch_coupling(u_hat, Vp, j_valid, prior, leak, True)
+                g_b = _batch_logit_grad(u_hat, c, gs)
+                dprior += tl.sum(g_b, axis=0)
+                c_weight = tl.where(r == R - 1, 1.0, inner_weight)
+                du_hat += ((c * c_weight)[:, :, :, None] * gs[:, None, :, :]
+                           + (g_b * inner_weight)[:, :, :, None] * Vp[:, None, :, :])
+            else:
+                c = _batch_coupling(u_hat, Vp, j_valid, 0.0, 0.0, False)
+                g_b = _batch_logit_grad(u_hat, c, gs)
+                du_hat += c[:, :, :, None] * gs[:, None, :, :] + g_b[:, :, :, None] * Vp[:, None, :, :]
         du_hat_b = tl.sum(du_hat, axis=0)  # (BLOCK_I, BLOCK_J, BLOCK_D)
         if HAS_W:
             dW += du_hat_b[:, :, :, None] * u_b[:, None, None, :]
@@ -489,6 +524,6 @@ def _routing_backward_inputs_kernel(
             tl.store(dx_ptr + offs, du_hat_b.to(dx_ptr.dtype.element_ty), mask=ijd_mask)
     if HAS_W:
         tl.store(dW_ptr + b_chunk * I * J * D * K + ijdk_offs, dW, mask=ijdk_mask)
-    # Every Din chunk computed the same g_b: the first stores it.
-    ij_mask = i_valid[:, None] & (j_offs < tl.where(k_chunk == 0, dprior_cols, 0))[None, :]
-    tl.store(dprior_ptr + (b_chunk * I * J + i_offs[:, None] * J + j_offs[None, :]), dprior, mask=ij_mask)
+    if OPTIONS:  # every Din chunk computed the same g_b: the first stores it
+        ij_mask = i_valid[:, None] & (j_offs < tl.where(k_chunk == 0, dprior_cols, 0))[None, :]
+        tl.store(dprior_ptr + (b_chunk * I * J + i_offs[:, None] * J + j_offs[None, :]), dprior, mask=ij_mask)

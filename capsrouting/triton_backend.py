@@ -29,7 +29,7 @@ _FORWARD_STATE_REGISTERS = 16
 _REDUCE_STATE_REGISTERS = 8
 # Registers per thread for the W tile of the input-gradient kernel (its dW tile takes as many):
 # the first where the rest of the program is small, the second where it is not: half inputs
-# convert every element they load, and a padded J x Dout over _INPUTS_LARGE_JD takes registers of
+# convert every element they load, and a padded J x Dout of _INPUTS_LARGE_JD or more takes registers of
 # its own (each spills with the first, tests/triton_aot.py).
 _INPUTS_TILE_REGISTERS, _INPUTS_TILE_REGISTERS_CROWDED = 32, 16
 _INPUTS_LARGE_JD = 1024
@@ -160,8 +160,10 @@ def launch_config(J: int, D: int, K: int, element_size: int = 4) -> LaunchConfig
     forward = _batch_tiling(jd, _FORWARD_STATE_REGISTERS)
     # tl.dot needs 16 rows and a K of 16; float32 stays on FMAs (IEEE float32, never TF32).
     dot_k = max(_MIN_DOT, _next_pow2(K)) if element_size == 2 and K and forward[0] >= _MIN_DOT else 0
+    if dot_k:  # tl.dot's operands and result pass through registers too: at 4 warps the bias variant spilled
+        forward = (forward[0], forward[1], _MAX_WARPS)
     reduce = _batch_tiling(jd, _REDUCE_STATE_REGISTERS)
-    crowded = element_size == 2 or block_j * block_d > _INPUTS_LARGE_JD
+    crowded = element_size == 2 or block_j * block_d >= _INPUTS_LARGE_JD
     tile_registers = _INPUTS_TILE_REGISTERS_CROWDED if crowded else _INPUTS_TILE_REGISTERS
     tile_budget = 32 * tile_registers * _MAX_WARPS
     if K:
@@ -384,16 +386,19 @@ def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: 
     prior_arg, prior_cols, leak = _option_args(x, J, logit_prior, leaky)
     bias_arg = bias.contiguous() if bias is not None else x
     c_arg = c if return_couplings else x
-    args = (B, I, J, D, p.K, R, p.splits, p.i_per_split, prior_cols, leak)
-    blocks = dict(HAS_W=W is not None, HAS_BIAS=bias is not None, BLOCK_B=cfg.BLOCK_B, BLOCK_I=cfg.BLOCK_I,
+    # The couplings are stored by per-iteration launches (one split: the whole of I), see the kernel.
+    one_launch = p.splits == 1 and not return_couplings
+    args = (B, I, J, D, p.K, R, int(one_launch), p.i_per_split, J if bias is not None else 0, prior_cols, leak)
+    options = bias is not None or logit_prior is not None or leaky or return_couplings
+    blocks = dict(HAS_W=W is not None, OPTIONS=options, BLOCK_B=cfg.BLOCK_B, BLOCK_I=cfg.BLOCK_I,
                   BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, DOT_K=cfg.DOT_K, **cfg.compile_options())
     grid = (p.batch_tiles, p.splits)
     with _device_guard(x):
-        if p.splits == 1:
-            kernel[grid](x, W_arg, v, s_saved, Vprev_saved, bias_arg, prior_arg, c_arg, *args, J if return_couplings else 0,
-                         **blocks)
+        if one_launch:
+            kernel[grid](x, W_arg, v, s_saved, Vprev_saved, bias_arg, prior_arg, c_arg, *args, 0, **blocks)
             return v, c, s_saved, Vprev_saved
-        # Small batch: one launch per iteration, the slices' partial sums combined in a fixed order.
+        # Small batch (or the couplings): one launch per iteration, the slices' partial sums combined in a
+        # fixed order.
         partial = torch.empty(p.splits, B, J, D, device=x.device, dtype=acc)
         V = torch.zeros(B, J, D, device=x.device, dtype=acc)
         for r in range(R):
@@ -433,8 +438,10 @@ def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, sp
     prior_arg, prior_cols, leak = _option_args(x, J, logit_prior, leaky)
     one_pass = detach_inner and not option_grads
     gs_saved = torch.empty_like(s_saved)
-    blocks = dict(HAS_W=has_w, BLOCK_B=cfg.REDUCE_BLOCK_B, BLOCK_I=cfg.REDUCE_BLOCK_I, BLOCK_J=cfg.BLOCK_J,
-                  BLOCK_D=cfg.BLOCK_D, **cfg.compile_options("reduce"))
+    # The plain kernels unless an option changes the backward (the bias does not: it is in s(r)).
+    options = logit_prior is not None or leaky or detach_inner
+    blocks = dict(HAS_W=has_w, OPTIONS=options, BLOCK_B=cfg.REDUCE_BLOCK_B, BLOCK_I=cfg.REDUCE_BLOCK_I,
+                  BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, **cfg.compile_options("reduce"))
     reduce_grid = (p.reduce_tiles, p.reduce_splits)
     with _device_guard(x):
         # Phase 1: g_s(r) for every r, reducing A(r) over the input capsules.
@@ -462,8 +469,8 @@ def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, sp
         kernels._routing_backward_inputs_kernel[(p.input_tiles, p.k_chunks, p.chunks)](
             x, W_arg, Vprev_saved, gs_saved, dx, dW_partial, prior_arg, dprior_partial, B, I, J, D, K, R, p.b_per_chunk,
             prior_cols, leak, J if want_dprior else 0, int(detach_inner), R - 1 if one_pass else 0,
-            HAS_W=has_w, BLOCK_I=cfg.INPUTS_BLOCK_I, BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, BLOCK_K=cfg.BLOCK_K,
-            W_IN_REGISTERS=cfg.W_IN_REGISTERS, **cfg.compile_options("inputs"),
+            HAS_W=has_w, OPTIONS=options, BLOCK_I=cfg.INPUTS_BLOCK_I, BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D,
+            BLOCK_K=cfg.BLOCK_K, W_IN_REGISTERS=cfg.W_IN_REGISTERS, **cfg.compile_options("inputs"),
         )
         if has_w:
             dW.copy_(dW_partial.sum(dim=0) if p.chunks > 1 else dW_partial[0])

@@ -69,13 +69,14 @@ def parse(report: str) -> list:
     return rows
 
 
-# Template arguments <scalar_t, acc_t> as they appear in the mangled kernel names.
+# Template arguments <scalar_t, acc_t, kWithOptions> as they appear in the mangled kernel names.
 _TYPES = {"N3c108BFloat16Ef": "bfloat16", "N3c104HalfEf": "float16", "ff": "float32", "dd": "float64"}
+_INSTANTIATIONS = {"0": "plain", "1": "options"}
 
 
 def _demangled_name(mangled: str) -> str:
-    kernel = re.search(r"(forward_kernel|backward_reduce_kernel|backward_inputs_kernel)I(N3c108BFloat16Ef|N3c104HalfEf|ff|dd)", mangled)
-    return f"{kernel.group(1)}<{_TYPES[kernel.group(2)]}>" if kernel else mangled
+    kernel = re.search(r"(forward_kernel|backward_reduce_kernel|backward_inputs_kernel)I(N3c108BFloat16Ef|N3c104HalfEf|ff|dd)Lb([01])E", mangled)
+    return f"{kernel.group(1)}<{_TYPES[kernel.group(2)]}, {_INSTANTIATIONS[kernel.group(3)]}>" if kernel else mangled
 
 
 def main() -> int:
@@ -85,10 +86,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = parse(compile_report(args.arch, Path(tmp)))
     bad = 0
-    for row in rows:
+    for row in sorted(rows, key=lambda row: (row["arch"], row["kernel"])):  # each kernel's plain and options together
         stores, loads = row["spill"]
         bad += stores + loads > 0
-        print(f"{row['arch']}  {row['kernel']:45s} registers {row['registers']:4d}  spills {stores}/{loads} bytes")
+        print(f"{row['arch']}  {row['kernel']:48s} registers {row['registers']:4d}  spills {stores}/{loads} bytes")
     print(f"{len(rows)} kernels, {bad} with spills")
     return 1 if bad or not rows else 0
 

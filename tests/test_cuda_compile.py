@@ -26,4 +26,10 @@ def test_cuda_kernels_compile_for_sm80_sm90_without_spills():
     result = subprocess.run([sys.executable, str(HERE / "cuda_compile.py"), "--arch", "80", "90"], capture_output=True, text=True)
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert "24 kernels, 0 with spills" in result.stdout  # 3 kernels x 4 dtypes x 2 architectures
+    # 3 kernels x 4 dtypes x 2 instantiations (plain: every option compiled out; options) x 2 architectures
+    assert "48 kernels, 0 with spills" in result.stdout
+    for arch in ("sm_80", "sm_90"):
+        for kernel in ("forward_kernel", "backward_reduce_kernel", "backward_inputs_kernel"):
+            for dtype in ("float16", "bfloat16", "float32", "float64"):
+                for instantiation in ("plain", "options"):
+                    assert f"{arch}  {kernel}<{dtype}, {instantiation}> " in result.stdout, (arch, kernel, dtype, instantiation)

@@ -1,9 +1,12 @@
-"""Every Triton kernel variant the dispatch can launch compiles for sm_80 and sm_90 with no register spills.
+"""Every Triton kernel variant the dispatch can launch compiles with no register spills.
 
 Runs tests/triton_aot.py in a subprocess without TRITON_INTERPRET (the
 interpreter replaces the compiler in the process that sets it) and prints its
-per-variant table: registers, shared memory, spills. The same check with the
-oldest supported Triton: tests/test_triton_oldest.py.
+per-variant table: registers, shared memory, spills. Here for sm_80 with the
+current Triton; tests/test_triton_oldest.py does sm_90 with the oldest supported
+Triton (the one on the GPU machines this project is measured on), so each
+architecture and each version is checked once within the suite's time. Both
+architectures with one Triton: ``python tests/triton_aot.py --arch 80 90``.
 """
 import pytest
 
@@ -22,8 +25,8 @@ def assert_every_variant_compiled_without_spills(proc, results, archs):
 
 
 def test_every_kernel_variant_compiles_without_spills(tmp_path):
-    proc, results = compile_in_subprocess(tmp_path / "aot.json", archs=(80, 90))
-    assert_every_variant_compiled_without_spills(proc, results, (80, 90))
+    proc, results = compile_in_subprocess(tmp_path / "aot.json", archs=(80,))
+    assert_every_variant_compiled_without_spills(proc, results, (80,))
     # The paper's layer (J = 10, Dout = 16, Din = 8, float32) is among the compiled variants.
     from capsrouting.triton_backend import launch_config
 

@@ -59,7 +59,7 @@ def variants():
             blocks = tuple((arg, getattr(cfg, field)) for arg, field in pairs)
             options = cfg.gpu_options(options_name)
             # The routing options a kernel compiles in (DESIGN.md §6): each value is a variant.
-            flags = [(("HAS_BIAS", False),), (("HAS_BIAS", True),)] if kernel == "_routing_forward_kernel" else [()]
+            flags = [(("OPTIONS", False),), (("OPTIONS", True),)]  # the plain op, and the routing options
             for dtype in (d for d, size in ELEMENT_SIZES.items() if size == element_size):
                 for flag in flags:
                     key = (kernel, has_w, blocks + flag, tuple(sorted(options.items())), dtype)
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
             bad += 1
             print(f"FAILED {r['kernel']} {r['arch']} {r['dtype']}: {r['error']}")
             continue
-        blocks = " ".join(f"{k}={r[k]}" for k in ("BLOCK_B", "BLOCK_I", "BLOCK_J", "BLOCK_D", "BLOCK_K", "W_IN_REGISTERS", "DOT_K", "HAS_BIAS") if k in r)
+        blocks = " ".join(f"{k}={r[k]}" for k in ("BLOCK_B", "BLOCK_I", "BLOCK_J", "BLOCK_D", "BLOCK_K", "W_IN_REGISTERS", "DOT_K", "OPTIONS") if k in r)
         flag = "" if r["spill_bytes"] == 0 else f"  SPILLS {r['spill_bytes']} bytes"
         bad += r["spill_bytes"] != 0
         print(

@@ -15,6 +15,8 @@
 // flags: bias and logit_prior (acc_t copies) are read from global memory where used (bias
 // once per iteration, the prior row of i with its logits), leaky changes the softmax of
 // warp 0; the couplings are stored from shared memory, dprior from one register per j.
+// Each kernel is instantiated twice (kWithOptions); the plain one, which run_forward / run_backward
+// pick when no option the op reads is on, compiles every option out: the code from before the options.
 //
 // forward           grid (B): per routing iteration, one pass over the input capsules.
 //                   Per i the block rebuilds the u_hat tile from W[i] and u[b, i] in
@@ -99,6 +101,41 @@ struct Options {
   }
   // The first iteration's couplings are 1/J: its logits are all zero and nothing leaks.
   __host__ __device__ bool uniform_start() const { return prior == nullptr && !leaky; }
+
+  // Whether the forward / the backward kernels read any of them (else their plain instantiation
+  // runs): the backward reads neither the bias nor the couplings, the forward none of the rest.
+  bool in_forward() const { return bias != nullptr || prior != nullptr || leaky || couplings != nullptr; }
+  bool in_backward() const { return prior != nullptr || leaky || detach_inner || !full || dprior != nullptr; }
+};
+
+// The options as a kernel instantiation sees them. kWithOptions: a copy of Options behind
+// accessors. Plain (below): no members, every accessor a constexpr null / false / true, so that
+// each option's branch, pointer and register is compiled out.
+template <typename scalar_t, typename acc_t, bool kWithOptions>
+struct KernelOptions {
+  static constexpr bool with_options = true;
+  Options<scalar_t, acc_t> opt;
+  __host__ __device__ const acc_t* bias() const { return opt.bias; }
+  __host__ __device__ const acc_t* prior_row(int64_t i, int64_t J) const { return opt.prior_row(i, J); }
+  __host__ __device__ bool leaky() const { return opt.leaky; }
+  __host__ __device__ bool detach_inner() const { return opt.detach_inner; }
+  __host__ __device__ bool full() const { return opt.full; }
+  __host__ __device__ scalar_t* couplings() const { return opt.couplings; }
+  __host__ __device__ acc_t* dprior() const { return opt.dprior; }
+  __host__ __device__ bool uniform_start() const { return opt.uniform_start(); }
+};
+
+template <typename scalar_t, typename acc_t>
+struct KernelOptions<scalar_t, acc_t, false> {
+  static constexpr bool with_options = false;
+  __host__ __device__ static constexpr const acc_t* bias() { return nullptr; }
+  __host__ __device__ static constexpr const acc_t* prior_row(int64_t, int64_t) { return nullptr; }
+  __host__ __device__ static constexpr bool leaky() { return false; }
+  __host__ __device__ static constexpr bool detach_inner() { return false; }
+  __host__ __device__ static constexpr bool full() { return true; }
+  __host__ __device__ static constexpr scalar_t* couplings() { return nullptr; }
+  __host__ __device__ static constexpr acc_t* dprior() { return nullptr; }
+  __host__ __device__ static constexpr bool uniform_start() { return true; }
 };
 
 // The u_hat tile of (b, i) into shared memory: from W[i] and u[b, i], or read when given.
@@ -162,21 +199,24 @@ __device__ void softmax_warp0(const Sizes& sz, bool leaky, acc_t* c, acc_t* g) {
 // The whole block: c = couplings of the tile uh of input capsule i against V(r-1) = Vp (with
 // the prior and the leak of opt), and, unless g is null, g = their gradients c * (g_c - sum c g_c)
 // with g_c = dot(g_s, uh), g_s = gs. Ends synchronized.
-template <typename scalar_t, typename acc_t>
-__device__ void couplings_and_gradients(const Sizes& sz, const Options<scalar_t, acc_t>& opt, int64_t i,
-                                        const acc_t* uh, const acc_t* Vp, const acc_t* gs, acc_t* c, acc_t* g) {
+template <typename Opt, typename acc_t>
+__device__ void couplings_and_gradients(const Sizes& sz, const Opt& opt, int64_t i, const acc_t* uh, const acc_t* Vp,
+                                        const acc_t* gs, acc_t* c, acc_t* g) {
   row_dots(sz, uh, Vp, c, opt.prior_row(i, sz.J));
-  if (g != nullptr) row_dots(sz, uh, gs, g);
+  // Only an option leaves g null (backward_inputs without g_b); the plain op does not check, so
+  // that the two loops over j fuse as they did before the options.
+  if (!Opt::with_options || g != nullptr) row_dots(sz, uh, gs, g);
   __syncthreads();
-  softmax_warp0(sz, opt.leaky, c, g);
+  softmax_warp0(sz, opt.leaky(), c, g);
   __syncthreads();
 }
 
-template <typename scalar_t, typename acc_t>
+// The options come last: the plain instantiation's empty KernelOptions moves no other parameter.
+template <typename scalar_t, typename acc_t, bool kWithOptions>
 __global__ void __launch_bounds__(kThreads, 1)
-    forward_kernel(Sizes sz, Options<scalar_t, acc_t> opt, const scalar_t* __restrict__ x,
-                   const scalar_t* __restrict__ W, scalar_t* __restrict__ v, acc_t* __restrict__ s_saved,
-                   acc_t* __restrict__ Vprev_saved) {
+    forward_kernel(Sizes sz, const scalar_t* __restrict__ x, const scalar_t* __restrict__ W, scalar_t* __restrict__ v,
+                   acc_t* __restrict__ s_saved, acc_t* __restrict__ Vprev_saved,
+                   KernelOptions<scalar_t, acc_t, kWithOptions> opt) {
   CAPSROUTING_DYNAMIC_SHARED(shared_bytes);
   const int64_t JD = sz.JD(), R = sz.R, b = blockIdx.x;
   acc_t* uh = reinterpret_cast<acc_t*>(shared_bytes);
@@ -186,7 +226,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const acc_t uniform = acc_t(1) / acc_t(sz.J);
   for (int64_t r = 0; r < R; ++r) {
     const bool uniform_now = r == 0 && opt.uniform_start();
-    scalar_t* c_out = r == R - 1 ? opt.couplings : nullptr;
+    scalar_t* c_out = r == R - 1 ? opt.couplings() : nullptr;
     acc_t s[kOwned] = {};
     for (int64_t i = 0; i < sz.I; ++i) {
       __syncthreads();  // the previous tile is consumed
@@ -195,7 +235,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (!uniform_now) {  // r = 0: V = 0, so the logits are the prior
         row_dots(sz, uh, V, c, opt.prior_row(i, sz.J));
         __syncthreads();
-        softmax_warp0(sz, opt.leaky, c, static_cast<acc_t*>(nullptr));
+        softmax_warp0(sz, opt.leaky(), c, static_cast<acc_t*>(nullptr));
         __syncthreads();
       }
       if (c_out != nullptr)
@@ -212,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int q = 0; q < kOwned; ++q) {
       const int64_t e = threadIdx.x + q * kThreads;
       if (e < JD) {
-        if (opt.bias != nullptr) s[q] += opt.bias[e];  // DESIGN.md §6: s(r) is saved with the bias in it
+        if (opt.bias() != nullptr) s[q] += opt.bias()[e];  // DESIGN.md §6: s(r) is saved with the bias in it
         s_saved[(b * R + r) * JD + e] = s[q];
         Vprev_saved[(b * R + r) * JD + e] = V[e];
         uh[e] = s[q];
@@ -235,12 +275,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kWithOptions>
 __global__ void __launch_bounds__(kThreads, 1)
-    backward_reduce_kernel(Sizes sz, Options<scalar_t, acc_t> opt, const scalar_t* __restrict__ x,
-                           const scalar_t* __restrict__ W, const scalar_t* __restrict__ grad_v,
-                           const acc_t* __restrict__ s_saved, const acc_t* __restrict__ Vprev_saved,
-                           acc_t* __restrict__ gs_saved) {
+    backward_reduce_kernel(Sizes sz, const scalar_t* __restrict__ x, const scalar_t* __restrict__ W,
+                           const scalar_t* __restrict__ grad_v, const acc_t* __restrict__ s_saved,
+                           const acc_t* __restrict__ Vprev_saved, acc_t* __restrict__ gs_saved,
+                           KernelOptions<scalar_t, acc_t, kWithOptions> opt) {
   CAPSROUTING_DYNAMIC_SHARED(shared_bytes);
   const int64_t JD = sz.JD(), R = sz.R, b = blockIdx.x;
   acc_t* uh = reinterpret_cast<acc_t*>(shared_bytes);  // also s(r) while g_s(r) is formed
@@ -281,7 +321,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         gs_saved[(b * R + r) * JD + e] = out;
       }
     }
-    if (r == 0 || !opt.full) break;  // not full: phase 2 reads g_s(R) alone
+    if (r == 0 || !opt.full()) break;  // not full: phase 2 reads g_s(R) alone
     acc_t A[kOwned] = {};
     for (int64_t i = 0; i < sz.I; ++i) {
       __syncthreads();
@@ -299,12 +339,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kWithOptions>
 __global__ void __launch_bounds__(kThreads, 1)
-    backward_inputs_kernel(Sizes sz, Options<scalar_t, acc_t> opt, int64_t k_per_block,
-                           const scalar_t* __restrict__ x, const scalar_t* __restrict__ W,
-                           const acc_t* __restrict__ gs_saved, const acc_t* __restrict__ Vprev_saved,
-                           scalar_t* __restrict__ dx, scalar_t* __restrict__ dW) {
+    backward_inputs_kernel(Sizes sz, int64_t k_per_block, const scalar_t* __restrict__ x,
+                           const scalar_t* __restrict__ W, const acc_t* __restrict__ gs_saved,
+                           const acc_t* __restrict__ Vprev_saved, scalar_t* __restrict__ dx,
+                           scalar_t* __restrict__ dW, KernelOptions<scalar_t, acc_t, kWithOptions> opt) {
   CAPSROUTING_DYNAMIC_SHARED(shared_bytes);
   const int64_t JD = sz.JD(), R = sz.R, I = sz.I, K = sz.K, i = blockIdx.x;
   const int64_t k_begin = blockIdx.y * k_per_block;
@@ -318,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const acc_t uniform = acc_t(1) / acc_t(sz.J);
   acc_t dW_owned[kOwned] = {};  // dW[i, e, k] for (e, k) = divmod(thread + q*kThreads, k_count)
   acc_t dprior_owned = 0;       // dprior[i, thread] for the threads j < J (J <= 64 < kThreads)
-  const int64_t r_begin = opt.full ? 0 : R - 1;
+  const int64_t r_begin = opt.full() ? 0 : R - 1;
   for (int64_t b = 0; b < sz.B; ++b) {
     __syncthreads();
     if (W != nullptr)
@@ -328,9 +368,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int64_t r = r_begin; r < R; ++r) {
       // DESIGN.md §6: with detach_inner only the last iteration's c g_s reaches u_hat; V(0) = 0
       // cancels the first iteration's g_b V term in any case. Block-uniform, as the barriers need.
-      const bool takes_c = r == R - 1 || !opt.detach_inner;
-      const bool takes_gb = r > 0 && !opt.detach_inner;
-      const bool wants_gb = takes_gb || opt.dprior != nullptr;
+      const bool takes_c = r == R - 1 || !opt.detach_inner();
+      const bool takes_gb = r > 0 && !opt.detach_inner();
+      const bool wants_gb = takes_gb || opt.dprior() != nullptr;
       if (!takes_c && !wants_gb) continue;  // only dbias needs this g_s(r): the launcher sums it
       __syncthreads();
       for (int64_t e = threadIdx.x; e < JD; e += kThreads) {
@@ -350,7 +390,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (takes_gb) term += g[e / sz.D] * Vp[e];
         duh[q] += term;
       }
-      if (opt.dprior != nullptr && threadIdx.x < sz.J) dprior_owned += g[threadIdx.x];
+      if (opt.dprior() != nullptr && threadIdx.x < sz.J) dprior_owned += g[threadIdx.x];
     }
     __syncthreads();
 #pragma unroll
@@ -380,8 +420,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (idx < JD * k_count) dW_owned[q] += gs[idx / k_count] * u[k_begin + idx % k_count];
     }
   }
-  if (opt.dprior != nullptr && blockIdx.y == 0 && threadIdx.x < sz.J)
-    opt.dprior[i * sz.J + threadIdx.x] = dprior_owned;
+  if (opt.dprior() != nullptr && blockIdx.y == 0 && threadIdx.x < sz.J)
+    opt.dprior()[i * sz.J + threadIdx.x] = dprior_owned;
   if (W == nullptr) return;
 #pragma unroll
   for (int q = 0; q < kOwned; ++q) {
@@ -393,12 +433,31 @@ __global__ void __launch_bounds__(kThreads, 1)
 // The launch sequence of each op, for any launcher: launch(kernel, grid, shared_bytes, args...)
 // runs `kernel` on `grid` blocks of kThreads threads (routing_cuda.cu: the CUDA stream;
 // the tests: the CPU emulation).
-// opt.couplings, when set, receives the last iteration's couplings.
+// opt.couplings, when set, receives the last iteration's couplings. Each op runs the kernels'
+// plain instantiation unless an option it reads is on (Options::in_forward, in_backward).
 template <typename scalar_t, typename acc_t, typename Launcher>
 void run_forward(const Sizes& sz, Launcher&& launch, const Options<scalar_t, acc_t>& opt, const scalar_t* x,
                  const scalar_t* W, scalar_t* v, acc_t* s_saved, acc_t* Vprev_saved) {
   const size_t bytes = (2 * sz.JD() + sz.J) * sizeof(acc_t);
-  launch(forward_kernel<scalar_t, acc_t>, dim3(unsigned(sz.B)), bytes, sz, opt, x, W, v, s_saved, Vprev_saved);
+  if (opt.in_forward())
+    launch(forward_kernel<scalar_t, acc_t, true>, dim3(unsigned(sz.B)), bytes, sz, x, W, v, s_saved, Vprev_saved,
+           KernelOptions<scalar_t, acc_t, true>{opt});
+  else
+    launch(forward_kernel<scalar_t, acc_t, false>, dim3(unsigned(sz.B)), bytes, sz, x, W, v, s_saved, Vprev_saved,
+           KernelOptions<scalar_t, acc_t, false>{});
+}
+
+template <bool kWithOptions, typename scalar_t, typename acc_t, typename Launcher>
+void run_backward_kernels(const Sizes& sz, Launcher&& launch, const KernelOptions<scalar_t, acc_t, kWithOptions>& opt,
+                          const scalar_t* x, const scalar_t* W, const scalar_t* grad_v, const acc_t* s_saved,
+                          const acc_t* Vprev_saved, acc_t* gs_saved, scalar_t* dx, scalar_t* dW) {
+  launch(backward_reduce_kernel<scalar_t, acc_t, kWithOptions>, dim3(unsigned(sz.B)),
+         (3 * sz.JD() + 2 * sz.J) * sizeof(acc_t), sz, x, W, grad_v, s_saved, Vprev_saved, gs_saved, opt);
+  // dW elements per block are capped by the registers: kOwned per thread.
+  const int64_t k_per_block = W != nullptr ? std::max<int64_t>(1, std::min<int64_t>(sz.K, kMaxTile / sz.JD())) : 1;
+  const int64_t k_blocks = W != nullptr ? (sz.K + k_per_block - 1) / k_per_block : 1;
+  launch(backward_inputs_kernel<scalar_t, acc_t, kWithOptions>, dim3(unsigned(sz.I), unsigned(k_blocks)),
+         (3 * sz.JD() + 2 * sz.J + sz.K) * sizeof(acc_t), sz, k_per_block, x, W, gs_saved, Vprev_saved, dx, dW, opt);
 }
 
 // dx is du (W given) or du_hat; dW is written only when W is given, opt.dprior when set.
@@ -408,13 +467,12 @@ template <typename scalar_t, typename acc_t, typename Launcher>
 void run_backward(const Sizes& sz, Launcher&& launch, const Options<scalar_t, acc_t>& opt, const scalar_t* x,
                   const scalar_t* W, const scalar_t* grad_v, const acc_t* s_saved, const acc_t* Vprev_saved,
                   acc_t* gs_saved, scalar_t* dx, scalar_t* dW) {
-  launch(backward_reduce_kernel<scalar_t, acc_t>, dim3(unsigned(sz.B)), (3 * sz.JD() + 2 * sz.J) * sizeof(acc_t), sz,
-         opt, x, W, grad_v, s_saved, Vprev_saved, gs_saved);
-  // dW elements per block are capped by the registers: kOwned per thread.
-  const int64_t k_per_block = W != nullptr ? std::max<int64_t>(1, std::min<int64_t>(sz.K, kMaxTile / sz.JD())) : 1;
-  const int64_t k_blocks = W != nullptr ? (sz.K + k_per_block - 1) / k_per_block : 1;
-  launch(backward_inputs_kernel<scalar_t, acc_t>, dim3(unsigned(sz.I), unsigned(k_blocks)),
-         (3 * sz.JD() + 2 * sz.J + sz.K) * sizeof(acc_t), sz, opt, k_per_block, x, W, gs_saved, Vprev_saved, dx, dW);
+  if (opt.in_backward())
+    run_backward_kernels(sz, launch, KernelOptions<scalar_t, acc_t, true>{opt}, x, W, grad_v, s_saved, Vprev_saved,
+                         gs_saved, dx, dW);
+  else
+    run_backward_kernels(sz, launch, KernelOptions<scalar_t, acc_t, false>{}, x, W, grad_v, s_saved, Vprev_saved,
+                         gs_saved, dx, dW);
 }
 
 // J <= 64, Dout <= 32, Din <= 16: what the tiles and registers above are sized for.
