@@ -45,6 +45,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../routing_math.h"
@@ -180,8 +181,10 @@ struct Predictions {
   }
 };
 
-// The routing options of DESIGN.md §6 as the loops read them (acc_t copies of the tensors).
-template <typename acc_t>
+// The routing options of DESIGN.md §6 as the loops read them (acc_t copies of the tensors). Two
+// kinds: with kOptions the values of a call; without, compile-time nothing, so that the loops of the
+// plain op compile as if the options did not exist.
+template <typename acc_t, bool kOptions>
 struct OptionValues {
   const acc_t* bias = nullptr;   // (J*D), added to s(r); null: none
   const acc_t* prior = nullptr;  // (I, J), the initial logits; null: zeros
@@ -191,6 +194,15 @@ struct OptionValues {
   const acc_t* prior_row(int64_t i, int64_t J) const { return prior != nullptr ? prior + i * J : nullptr; }
   // The first iteration's couplings are 1/J: its logits are all zero and nothing leaks.
   bool uniform_start() const { return prior == nullptr && !leaky; }
+};
+
+template <typename acc_t>
+struct OptionValues<acc_t, false> {
+  static constexpr const acc_t* bias = nullptr;
+  static constexpr bool leaky = false;
+  static constexpr bool detach_inner = false;
+  static constexpr const acc_t* prior_row(int64_t, int64_t) { return nullptr; }
+  static constexpr bool uniform_start() { return true; }
 };
 
 // c[j] = softmax over j of prior[j] + dot(uh[j], V[j]): the couplings of one input capsule
@@ -235,12 +247,12 @@ void add_scaled_rows(const Vec* c, const Vec* x, int64_t J, int64_t D, Vec* out)
     for (int64_t d = 0; d < D; ++d) out[j * D + d] += c[j] * x[j * D + d];
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kOptions>
 struct Routing {
   using Vec = Lanes<acc_t>;
   Predictions<scalar_t, acc_t> pred;
   Sizes sz;
-  OptionValues<acc_t> opt;
+  OptionValues<acc_t, kOptions> opt;
 
   // The couplings of chunk's elements for input capsule i, stored to c_out (B, I, J).
   void store_couplings(int64_t chunk, int64_t i, const Vec* c, scalar_t* c_out) const {
@@ -258,7 +270,7 @@ struct Routing {
     const acc_t uniform = acc_t(1) / acc_t(J);
     for (int64_t r = 0; r < R; ++r) {
       std::fill(s.begin(), s.end(), Vec{});
-      scalar_t* c_store = r == R - 1 ? c_out : nullptr;
+      scalar_t* c_store = kOptions && r == R - 1 ? c_out : nullptr;
       for (int64_t i = 0; i < sz.I; ++i) {
         for (int64_t g = 0; g < n; ++g) {
           pred.load(begin + g, i, uh.data());
@@ -347,7 +359,7 @@ struct Routing {
           for (int64_t d = 0; d < D; ++d) gs[j * D + d] = f * gv[j * D + d] + df2 * s[j * D + d];
         }
       }
-      if (r == 0 || !full) break;
+      if (r == 0 || (kOptions && !full)) break;
       // A(r) = sum_i g_b[i, j] u_hat[i, j]: flows into g_v of the iterations before r.
       std::fill(A.begin(), A.end(), Vec{});
       for (int64_t i = 0; i < sz.I; ++i) {
@@ -370,6 +382,10 @@ struct Routing {
     const int64_t J = sz.J, D = sz.D, JD = sz.JD(), K = sz.K, Kp = sz.Kp(), R = sz.R, I = sz.I;
     std::vector<Vec> uh(JD), du_hat(sz.chunks() * JD), c(J), gb(J), dprior_i(J);
     const acc_t uniform = acc_t(1) / acc_t(J);
+    if constexpr (!kOptions) {  // compile-time: the plain op's loops
+      dprior = nullptr;
+      full = true;
+    }
     for (int64_t i = begin; i < end; ++i) {
       std::fill(dprior_i.begin(), dprior_i.end(), Vec{});
       for (int64_t chunk = 0; chunk < sz.chunks(); ++chunk) {
@@ -471,9 +487,10 @@ struct Prepared {
   at::Tensor x, W, u_lanes, bias, logit_prior;
 };
 
-template <typename scalar_t, typename acc_t>
-Routing<scalar_t, acc_t> make_routing(const at::Tensor& x, const at::Tensor* W, int64_t R, Prepared& keep) {
-  Routing<scalar_t, acc_t> routing;
+template <typename scalar_t, typename acc_t, bool kOptions>
+Routing<scalar_t, acc_t, kOptions> make_routing(const at::Tensor& x, const at::Tensor* W, int64_t R,
+                                                const RoutingOptions& options, Prepared& keep) {
+  Routing<scalar_t, acc_t, kOptions> routing;
   routing.sz = sizes_of(x, W, R);
   routing.pred.sz = routing.sz;
   keep.x = x.contiguous();
@@ -485,24 +502,30 @@ Routing<scalar_t, acc_t> make_routing(const at::Tensor& x, const at::Tensor* W, 
   } else {
     routing.pred.u_hat = keep.x.data_ptr<scalar_t>();
   }
+  if constexpr (kOptions) {  // acc_t copies of the option tensors, kept alive for the call
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    if (options.bias.defined()) {
+      keep.bias = options.bias.to(acc).contiguous();
+      routing.opt.bias = keep.bias.data_ptr<acc_t>();
+    }
+    if (options.logit_prior.defined()) {
+      keep.logit_prior = options.logit_prior.to(acc).contiguous();
+      routing.opt.prior = keep.logit_prior.data_ptr<acc_t>();
+    }
+    routing.opt.leaky = options.leaky;
+    routing.opt.detach_inner = options.detach_inner;
+  }
   return routing;
 }
 
-// acc_t copies of the option tensors, kept alive for the call, and the pointers the loops read.
-template <typename acc_t>
-OptionValues<acc_t> option_values(const RoutingOptions& options, at::ScalarType acc, Prepared& keep) {
-  OptionValues<acc_t> values;
-  if (options.bias.defined()) {
-    keep.bias = options.bias.to(acc).contiguous();
-    values.bias = keep.bias.data_ptr<acc_t>();
-  }
-  if (options.logit_prior.defined()) {
-    keep.logit_prior = options.logit_prior.to(acc).contiguous();
-    values.prior = keep.logit_prior.data_ptr<acc_t>();
-  }
-  values.leaky = options.leaky;
-  values.detach_inner = options.detach_inner;
-  return values;
+// Runs body(std::true_type) when an option is on, else body(std::false_type): the plain op's loops are
+// compiled apart, without the options.
+template <typename Body>
+void with_options_or_not(bool on, Body&& body) {
+  if (on)
+    body(std::true_type{});
+  else
+    body(std::false_type{});
 }
 
 }  // namespace
@@ -518,14 +541,16 @@ ForwardResult forward(const at::Tensor& x, const at::Tensor& W_in, const Routing
   if (sz.B == 0) return {v, c, s_saved, Vprev_saved};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    Prepared keep;
-    auto routing = make_routing<scalar_t, acc_t>(x, W, R, keep);
-    routing.opt = option_values<acc_t>(options, acc, keep);
-    scalar_t* c_out = c.defined() ? c.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, sz.chunks(), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; g += kGroup)
-        routing.forward(g, std::min(end, g + kGroup), v.data_ptr<scalar_t>(), s_saved.data_ptr<acc_t>(),
-                        Vprev_saved.data_ptr<acc_t>(), c_out);
+    const bool on = options.bias.defined() || options.logit_prior.defined() || options.leaky || c.defined();
+    with_options_or_not(on, [&](auto kOptions) {
+      Prepared keep;
+      const auto routing = make_routing<scalar_t, acc_t, decltype(kOptions)::value>(x, W, R, options, keep);
+      scalar_t* c_out = c.defined() ? c.data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, sz.chunks(), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t g = begin; g < end; g += kGroup)
+          routing.forward(g, std::min(end, g + kGroup), v.data_ptr<scalar_t>(), s_saved.data_ptr<acc_t>(),
+                          Vprev_saved.data_ptr<acc_t>(), c_out);
+      });
     });
   });
   return {v, c, s_saved, Vprev_saved};
@@ -555,19 +580,22 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
   const auto Vprev_c = Vprev_saved.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    Prepared keep;
-    auto routing = make_routing<scalar_t, acc_t>(x, W, R, keep);
-    routing.opt = option_values<acc_t>(options, acc, keep);
-    at::parallel_for(0, sz.chunks(), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; g += kGroup)
-        routing.reduce_backward(g, std::min(end, g + kGroup), grad.data_ptr<scalar_t>(), s_c.data_ptr<acc_t>(),
-                                Vprev_c.data_ptr<acc_t>(), lanes_of<acc_t>(gs_lanes), lanes_of<acc_t>(Vprev_lanes),
-                                full);
-    });
-    at::parallel_for(0, sz.I, 1, [&](int64_t begin, int64_t end) {
-      routing.input_backward(begin, end, lanes_of<acc_t>(gs_lanes), lanes_of<acc_t>(Vprev_lanes),
-                             dx.data_ptr<scalar_t>(), W != nullptr ? dW.data_ptr<scalar_t>() : nullptr,
-                             want_dprior ? dprior.data_ptr<acc_t>() : nullptr, full);
+    // The bias is in s(r): the backward's loops do not read it.
+    const bool on = options.logit_prior.defined() || options.leaky || options.detach_inner;
+    with_options_or_not(on, [&](auto kOptions) {
+      Prepared keep;
+      const auto routing = make_routing<scalar_t, acc_t, decltype(kOptions)::value>(x, W, R, options, keep);
+      at::parallel_for(0, sz.chunks(), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t g = begin; g < end; g += kGroup)
+          routing.reduce_backward(g, std::min(end, g + kGroup), grad.data_ptr<scalar_t>(), s_c.data_ptr<acc_t>(),
+                                  Vprev_c.data_ptr<acc_t>(), lanes_of<acc_t>(gs_lanes), lanes_of<acc_t>(Vprev_lanes),
+                                  full);
+      });
+      at::parallel_for(0, sz.I, 1, [&](int64_t begin, int64_t end) {
+        routing.input_backward(begin, end, lanes_of<acc_t>(gs_lanes), lanes_of<acc_t>(Vprev_lanes),
+                               dx.data_ptr<scalar_t>(), W != nullptr ? dW.data_ptr<scalar_t>() : nullptr,
+                               want_dprior ? dprior.data_ptr<acc_t>() : nullptr, full);
+      });
     });
   });
   // dbias = sum of g_s(r) over the batch (padded lanes hold zeros) and the iterations.
