@@ -124,16 +124,19 @@ class LaunchConfig:
     W_IN_REGISTERS: bool  # one chunk holds all of Din: predictions come from the W tile in registers
     inputs_num_warps: int
 
-    def gpu_options(self, kernel: str = "forward") -> dict:
-        """Compile options of one kernel, "forward", "reduce" or "inputs", for a GPU: its warps, its
-        register cap, and multiply-adds fused as the tolerances were measured (stated, because
-        Triton's default changes after 3.9)."""
+    def gpu_options(self, kernel: str = "forward", with_options: bool = False) -> dict:
+        """Compile options of one kernel, "forward", "reduce" or "inputs", plain or with the routing
+        options (its OPTIONS variant), for a GPU: its warps, its register cap, and multiply-adds fused
+        as the tolerances were measured (stated, because Triton's default changes after 3.9)."""
         num_warps = {"forward": self.num_warps, "reduce": self.reduce_num_warps, "inputs": self.inputs_num_warps}[kernel]
+        if kernel == "forward" and with_options and self.DOT_K:
+            # tl.dot's operands and result pass through registers too: at 4 warps, the options spilled.
+            num_warps = _MAX_WARPS
         return dict(num_warps=num_warps, maxnreg=_register_cap(num_warps), enable_fp_fusion=True)
 
-    def compile_options(self, kernel: str = "forward") -> dict:
+    def compile_options(self, kernel: str = "forward", with_options: bool = False) -> dict:
         """What a launch passes: gpu_options, or nothing under the interpreter (it takes none)."""
-        return {} if _interpreting() else self.gpu_options(kernel)
+        return {} if _interpreting() else self.gpu_options(kernel, with_options)
 
 
 def _batch_tiling(jd: int, registers: int) -> Tuple[int, int, int]:
@@ -160,8 +163,6 @@ def launch_config(J: int, D: int, K: int, element_size: int = 4) -> LaunchConfig
     forward = _batch_tiling(jd, _FORWARD_STATE_REGISTERS)
     # tl.dot needs 16 rows and a K of 16; float32 stays on FMAs (IEEE float32, never TF32).
     dot_k = max(_MIN_DOT, _next_pow2(K)) if element_size == 2 and K and forward[0] >= _MIN_DOT else 0
-    if dot_k:  # tl.dot's operands and result pass through registers too: at 4 warps the bias variant spilled
-        forward = (forward[0], forward[1], _MAX_WARPS)
     reduce = _batch_tiling(jd, _REDUCE_STATE_REGISTERS)
     crowded = element_size == 2 or block_j * block_d >= _INPUTS_LARGE_JD
     tile_registers = _INPUTS_TILE_REGISTERS_CROWDED if crowded else _INPUTS_TILE_REGISTERS
@@ -391,7 +392,7 @@ def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: 
     args = (B, I, J, D, p.K, R, int(one_launch), p.i_per_split, J if bias is not None else 0, prior_cols, leak)
     options = bias is not None or logit_prior is not None or leaky or return_couplings
     blocks = dict(HAS_W=W is not None, OPTIONS=options, BLOCK_B=cfg.BLOCK_B, BLOCK_I=cfg.BLOCK_I,
-                  BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, DOT_K=cfg.DOT_K, **cfg.compile_options())
+                  BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, DOT_K=cfg.DOT_K, **cfg.compile_options("forward", options))
     grid = (p.batch_tiles, p.splits)
     with _device_guard(x):
         if one_launch:
@@ -441,7 +442,7 @@ def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, sp
     # The plain kernels unless an option changes the backward (the bias does not: it is in s(r)).
     options = logit_prior is not None or leaky or detach_inner
     blocks = dict(HAS_W=has_w, OPTIONS=options, BLOCK_B=cfg.REDUCE_BLOCK_B, BLOCK_I=cfg.REDUCE_BLOCK_I,
-                  BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, **cfg.compile_options("reduce"))
+                  BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, **cfg.compile_options("reduce", options))
     reduce_grid = (p.reduce_tiles, p.reduce_splits)
     with _device_guard(x):
         # Phase 1: g_s(r) for every r, reducing A(r) over the input capsules.
@@ -470,7 +471,7 @@ def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, sp
             x, W_arg, Vprev_saved, gs_saved, dx, dW_partial, prior_arg, dprior_partial, B, I, J, D, K, R, p.b_per_chunk,
             prior_cols, leak, J if want_dprior else 0, int(detach_inner), R - 1 if one_pass else 0,
             HAS_W=has_w, OPTIONS=options, BLOCK_I=cfg.INPUTS_BLOCK_I, BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D,
-            BLOCK_K=cfg.BLOCK_K, W_IN_REGISTERS=cfg.W_IN_REGISTERS, **cfg.compile_options("inputs"),
+            BLOCK_K=cfg.BLOCK_K, W_IN_REGISTERS=cfg.W_IN_REGISTERS, **cfg.compile_options("inputs", options),
         )
         if has_w:
             dW.copy_(dW_partial.sum(dim=0) if p.chunks > 1 else dW_partial[0])

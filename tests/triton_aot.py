@@ -57,12 +57,10 @@ def variants():
         for kernel, (_, block_names, options_name) in KERNELS.items():
             pairs = [(name, name) if isinstance(name, str) else name for name in block_names]
             blocks = tuple((arg, getattr(cfg, field)) for arg, field in pairs)
-            options = cfg.gpu_options(options_name)
-            # The routing options a kernel compiles in (DESIGN.md §6): each value is a variant.
-            flags = [(("OPTIONS", False),), (("OPTIONS", True),)]  # the plain op, and the routing options
             for dtype in (d for d, size in ELEMENT_SIZES.items() if size == element_size):
-                for flag in flags:
-                    key = (kernel, has_w, blocks + flag, tuple(sorted(options.items())), dtype)
+                for with_options in (False, True):  # the plain op, and its variant with the routing options
+                    options = cfg.gpu_options(options_name, with_options)
+                    key = (kernel, has_w, blocks + (("OPTIONS", with_options),), tuple(sorted(options.items())), dtype)
                     if key not in seen:
                         seen.add(key)
                         yield key
