@@ -1,18 +1,13 @@
 """One autograd registration for every fused backend's routing ops.
 
-A fused backend defines two custom ops per entry point, in one of two forms. Plain (no
-routing options):
-
-* forward ``(x, [W,] num_iterations) -> (v, s_saved, Vprev_saved)``, where the two saved
-  tensors hold s(r) and V(r-1) of DESIGN.md §3 in the backend's own layout ((B, R, J, D) for
-  the C++/CUDA extension, (R, B, J, D) for Triton);
-* backward ``(grad_v, x, [W,] s_saved, Vprev_saved, num_iterations) -> dx[, dW]``.
-
-With the routing options of DESIGN.md §6 (``with_options``):
+A fused backend defines two custom ops per entry point, with the routing options of
+DESIGN.md §6:
 
 * forward ``(x, [W,] bias, logit_prior, leaky, detach_inner, return_couplings, num_iterations)
   -> (v, c, s_saved, Vprev_saved)``; ``bias`` and ``logit_prior`` may be None, ``c`` (the last
-  iteration's couplings) is empty unless ``return_couplings`` and carries no gradient;
+  iteration's couplings) is empty unless ``return_couplings`` and carries no gradient; the two
+  saved tensors hold s(r) and V(r-1) of DESIGN.md §3 in the backend's own layout ((B, R, J, D)
+  for the C++/CUDA extension, (R, B, J, D) for Triton);
 * backward ``(grad_v, x, [W,] bias, logit_prior, leaky, detach_inner, option_grads, s_saved,
   Vprev_saved, num_iterations) -> (dx, [dW,] dbias, dprior)``, ``dbias`` and ``dprior`` empty
   where there is no such input or ``option_grads`` is false (neither needs a gradient: with
@@ -56,31 +51,20 @@ def reference_gradients(inputs, grad_v: torch.Tensor, num_iterations: int, has_w
     return (*grads[: len(inputs)], by_name.get("bias"), by_name.get("logit_prior"))
 
 
-def register_routing_autograd(forward_op, backward_op, has_weights: bool, with_options: bool = False) -> None:
+def register_routing_autograd(forward_op, backward_op, has_weights: bool) -> None:
     n_inputs = 2 if has_weights else 1
 
     def setup_context(ctx, inputs, output):
-        *outputs, s_saved, Vprev_saved = output
+        v, c, s_saved, Vprev_saved = output
         ctx.num_iterations = inputs[-1]
-        tensors = inputs[:n_inputs]
-        if with_options:
-            bias, logit_prior, ctx.leaky, ctx.detach_inner, _ = inputs[n_inputs:-1]
-            tensors = (*tensors, bias, logit_prior)
-        ctx.save_for_backward(*tensors, s_saved, Vprev_saved)
-        ctx.mark_non_differentiable(*outputs[1:], s_saved, Vprev_saved)
+        bias, logit_prior, ctx.leaky, ctx.detach_inner, _ = inputs[n_inputs:-1]
+        ctx.save_for_backward(*inputs[:n_inputs], bias, logit_prior, s_saved, Vprev_saved)
+        ctx.mark_non_differentiable(c, s_saved, Vprev_saved)
 
     def backward(ctx, grad_v, *_unused):
-        *inputs, s_saved, Vprev_saved = ctx.saved_tensors
+        *inputs, bias, logit_prior, s_saved, Vprev_saved = ctx.saved_tensors
         R = ctx.num_iterations
-        if not with_options:
-            if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
-                grads = reference_gradients(inputs, grad_v, R, has_weights)[:n_inputs]
-            else:
-                grads = backward_op(grad_v.contiguous(), *inputs, s_saved, Vprev_saved, R)
-                grads = tuple(grads) if isinstance(grads, (tuple, list)) else (grads,)
-            return (*grads, None)
-        *inputs, bias, logit_prior = inputs
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
             grads = reference_gradients(inputs, grad_v, R, has_weights, bias, logit_prior, ctx.leaky, ctx.detach_inner)
         else:
             option_grads = any(ctx.needs_input_grad[n_inputs:n_inputs + 2])

@@ -67,9 +67,8 @@ def _ops_ready() -> Optional[str]:
         lambda grad_v, u_hat, bias, prior, leaky, detach, option_grads, s, V, n: (
             torch.empty_like(u_hat), *_fake_option_grads(u_hat, bias, prior, option_grads))
     )
-    register_routing_autograd("capsrouting::capsule_routing_ext", ops.capsule_routing_ext_backward, has_weights=True,
-                              with_options=True)
-    register_routing_autograd("capsrouting::route_ext", ops.route_ext_backward, has_weights=False, with_options=True)
+    register_routing_autograd("capsrouting::capsule_routing_ext", ops.capsule_routing_ext_backward, has_weights=True)
+    register_routing_autograd("capsrouting::route_ext", ops.route_ext_backward, has_weights=False)
     for name in ("capsrouting::capsule_routing_ext_backward", "capsrouting::route_ext_backward"):
         register_backward_op_autograd(name, name)
     return None

@@ -593,8 +593,8 @@ route_backward_op.register_fake(
         torch.empty_like(u_hat), *_fake_option_grads(u_hat, bias, prior, option_grads))
 )
 
-register_routing_autograd(capsule_routing_op, capsule_routing_backward_op, has_weights=True, with_options=True)
-register_routing_autograd(route_op, route_backward_op, has_weights=False, with_options=True)
+register_routing_autograd(capsule_routing_op, capsule_routing_backward_op, has_weights=True)
+register_routing_autograd(route_op, route_backward_op, has_weights=False)
 register_backward_op_autograd(capsule_routing_backward_op, "capsrouting::capsule_routing_triton_backward")
 register_backward_op_autograd(route_backward_op, "capsrouting::route_triton_backward")
 
