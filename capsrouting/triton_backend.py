@@ -129,10 +129,15 @@ class LaunchConfig:
         options (its OPTIONS variant), for a GPU: its warps, its register cap, and multiply-adds fused
         as the tolerances were measured (stated, because Triton's default changes after 3.9)."""
         num_warps = {"forward": self.num_warps, "reduce": self.reduce_num_warps, "inputs": self.inputs_num_warps}[kernel]
-        if kernel == "forward" and with_options and self.DOT_K:
-            # tl.dot's operands and result pass through registers too: at 4 warps, the options spilled.
-            num_warps = _MAX_WARPS
         return dict(num_warps=num_warps, maxnreg=_register_cap(num_warps), enable_fp_fusion=True)
+
+    def forward_tile(self, with_options: bool = False) -> Tuple[int, int]:
+        """(BLOCK_B, DOT_K) of the forward, plain or with the routing options: the options variant of the
+        largest batch tile takes half of it (at 16 elements the options spilled, tests/triton_aot.py),
+        and then FMAs (tl.dot wants 16 rows)."""
+        if with_options and self.BLOCK_B >= _MAX_BLOCK_B:
+            return _MAX_BLOCK_B // 2, 0
+        return self.BLOCK_B, self.DOT_K
 
     def compile_options(self, kernel: str = "forward", with_options: bool = False) -> dict:
         """What a launch passes: gpu_options, or nothing under the interpreter (it takes none)."""
@@ -391,9 +396,10 @@ def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: 
     one_launch = p.splits == 1 and not return_couplings
     args = (B, I, J, D, p.K, R, int(one_launch), p.i_per_split, J if bias is not None else 0, prior_cols, leak)
     options = bias is not None or logit_prior is not None or leaky or return_couplings
-    blocks = dict(HAS_W=W is not None, OPTIONS=options, BLOCK_B=cfg.BLOCK_B, BLOCK_I=cfg.BLOCK_I,
-                  BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, DOT_K=cfg.DOT_K, **cfg.compile_options("forward", options))
-    grid = (p.batch_tiles, p.splits)
+    block_b, dot_k = cfg.forward_tile(options)
+    blocks = dict(HAS_W=W is not None, OPTIONS=options, BLOCK_B=block_b, BLOCK_I=cfg.BLOCK_I,
+                  BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, DOT_K=dot_k, **cfg.compile_options("forward", options))
+    grid = (-(-B // block_b), p.splits)
     with _device_guard(x):
         if one_launch:
             kernel[grid](x, W_arg, v, s_saved, Vprev_saved, bias_arg, prior_arg, c_arg, *args, 0, **blocks)

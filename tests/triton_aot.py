@@ -60,7 +60,11 @@ def variants():
             for dtype in (d for d, size in ELEMENT_SIZES.items() if size == element_size):
                 for with_options in (False, True):  # the plain op, and its variant with the routing options
                     options = cfg.gpu_options(options_name, with_options)
-                    key = (kernel, has_w, blocks + (("OPTIONS", with_options),), tuple(sorted(options.items())), dtype)
+                    tile = blocks
+                    if options_name == "forward":  # its options variant may take a smaller batch tile
+                        block_b, dot_k = cfg.forward_tile(with_options)
+                        tile = tuple((k, {"BLOCK_B": block_b, "DOT_K": dot_k}.get(k, v)) for k, v in blocks)
+                    key = (kernel, has_w, tile + (("OPTIONS", with_options),), tuple(sorted(options.items())), dtype)
                     if key not in seen:
                         seen.add(key)
                         yield key
