@@ -70,7 +70,9 @@ an (I, J) tile of prior logits to every coupling (``prior_cols``), ``leaky`` is 
 iteration (``c_cols``); phase 2 sums g_b into d logit_prior (``dprior_cols``, one partial per batch
 chunk, the first Din chunk stores it) and with ``detach_inner`` weighs the terms of du_hat (only
 c(R) g_s(R) stays). With ``detach_inner`` and no bias or prior gradient wanted, phase 1 does not
-run and phase 2 visits only r = R (``r_begin``): the backward is one pass.
+run and phase 2 visits only r = R (``r_begin``): the backward is one pass. The options variant of
+a 16-element forward tile takes 8 elements, with FMAs (``LaunchConfig.forward_tile``): at 16 it
+spilled.
 
 Memory traffic per launch (bytes loaded and stored, from the shapes and these
 tilings) is modelled by ``triton_backend.forward_traffic`` and
