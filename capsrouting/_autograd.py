@@ -92,3 +92,35 @@ def register_backward_op_autograd(backward_op, qualified_name: str) -> None:
         )
 
     torch.library.register_autograd(backward_op, backward, setup_context=setup_context)
+
+
+# ---- what every fused backend's op registration shares -----------------------------------------
+
+
+def fake_forward(x: torch.Tensor, saved_shape, I: int, J: int, D: int, return_couplings: bool):
+    """The fake (meta) result of a forward op: v, c (empty unless ``return_couplings``), and the two
+    saved tensors in the backend's layout ``saved_shape``, in the accumulation type."""
+    saved = x.new_empty(saved_shape, dtype=accumulation_dtype(x.dtype))
+    c = x.new_empty((x.shape[0], I, J) if return_couplings else (0,))
+    return x.new_empty(x.shape[0], J, D), c, saved, torch.empty_like(saved)
+
+
+def fake_option_grads(x: torch.Tensor, bias, logit_prior, option_grads: bool):
+    """The fake (dbias, dprior) of a backward op: empty where there is no such input or no gradient wanted."""
+    fake = lambda t: torch.empty_like(t) if t is not None and option_grads else x.new_empty(0)  # noqa: E731
+    return fake(bias), fake(logit_prior)
+
+
+def op_options(options) -> tuple:
+    """``RoutingOptions`` (or None) as the forward ops take them: (bias, logit_prior, leaky, detach_inner,
+    return_couplings), the tensors contiguous."""
+    if options is None:
+        return None, None, False, False, False
+    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    return (contiguous(options.bias), contiguous(options.logit_prior), options.leaky, options.detach_inner,
+            options.return_couplings)
+
+
+def op_result(out, options):
+    """What a backend entry point returns from a forward op's outputs: v, or (v, couplings)."""
+    return (out[0], out[1]) if options is not None and options.return_couplings else out[0]

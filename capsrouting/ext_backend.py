@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 
 from . import _extension
-from ._autograd import register_backward_op_autograd, register_routing_autograd
+from ._autograd import (fake_forward, fake_option_grads, op_options, op_result, register_backward_op_autograd,
+                        register_routing_autograd)
 from ._validation import check_capsule_routing_args, check_route_args, check_routing_options
 from .backends import Backend, accumulation_dtype, register
 
@@ -23,17 +24,6 @@ CUDA_MAX_J, CUDA_MAX_DOUT, CUDA_MAX_DIN = 64, 32, 16
 # The routing options of DESIGN.md §6 that each backend's kernels run.
 CPU_OPTIONS = frozenset({"bias", "logit_prior", "leaky", "detach_inner", "return_couplings"})
 CUDA_OPTIONS = frozenset({"bias", "logit_prior", "leaky", "detach_inner", "return_couplings"})
-
-
-def _fake_forward(x: torch.Tensor, I: int, J: int, D: int, num_iterations: int, return_couplings: bool):
-    saved = x.new_empty(x.shape[0], num_iterations, J, D, dtype=accumulation_dtype(x.dtype))
-    c = x.new_empty((x.shape[0], I, J) if return_couplings else (0,))
-    return x.new_empty(x.shape[0], J, D), c, saved, torch.empty_like(saved)
-
-
-def _fake_option_grads(x, bias, logit_prior, option_grads):
-    fake = lambda t: torch.empty_like(t) if t is not None and option_grads else x.new_empty(0)  # noqa: E731
-    return fake(bias), fake(logit_prior)
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,22 +40,22 @@ def _ops_ready() -> Optional[str]:
         check_capsule_routing_args(u, W, num_iterations, leading_dims=False)
         I, J, D, _ = W.shape
         check_routing_options(u, I, J, D, bias, logit_prior, leaky, detach_inner, return_couplings)
-        return _fake_forward(u, I, J, D, num_iterations, return_couplings)
+        return fake_forward(u, (u.shape[0], num_iterations, J, D), I, J, D, return_couplings)
 
     @torch.library.register_fake("capsrouting::route_ext")
     def _(u_hat, bias, logit_prior, leaky, detach_inner, return_couplings, num_iterations):
         check_route_args(u_hat, num_iterations, leading_dims=False)
         _, I, J, D = u_hat.shape
         check_routing_options(u_hat, I, J, D, bias, logit_prior, leaky, detach_inner, return_couplings)
-        return _fake_forward(u_hat, I, J, D, num_iterations, return_couplings)
+        return fake_forward(u_hat, (u_hat.shape[0], num_iterations, J, D), I, J, D, return_couplings)
 
     torch.library.register_fake("capsrouting::capsule_routing_ext_backward")(
         lambda grad_v, u, W, bias, prior, leaky, detach, option_grads, s, V, n: (
-            torch.empty_like(u), torch.empty_like(W), *_fake_option_grads(u, bias, prior, option_grads))
+            torch.empty_like(u), torch.empty_like(W), *fake_option_grads(u, bias, prior, option_grads))
     )
     torch.library.register_fake("capsrouting::route_ext_backward")(
         lambda grad_v, u_hat, bias, prior, leaky, detach, option_grads, s, V, n: (
-            torch.empty_like(u_hat), *_fake_option_grads(u_hat, bias, prior, option_grads))
+            torch.empty_like(u_hat), *fake_option_grads(u_hat, bias, prior, option_grads))
     )
     register_routing_autograd("capsrouting::capsule_routing_ext", ops.capsule_routing_ext_backward, has_weights=True)
     register_routing_autograd("capsrouting::route_ext", ops.route_ext_backward, has_weights=False)
@@ -89,28 +79,15 @@ def _probe_cuda() -> Optional[str]:
     return None
 
 
-def _op_options(options) -> tuple:
-    """(bias, logit_prior, leaky, detach_inner, return_couplings) as the ops take them."""
-    if options is None:
-        return None, None, False, False, False
-    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    return (contiguous(options.bias), contiguous(options.logit_prior), options.leaky, options.detach_inner,
-            options.return_couplings)
-
-
-def _result(out, options):
-    return (out[0], out[1]) if options is not None and options.return_couplings else out[0]
-
-
 # Inputs are made contiguous here, once: the op then saves the contiguous tensors for its
 # backward, instead of each kernel copying a strided input again.
 def capsule_routing(u: torch.Tensor, W: torch.Tensor, num_iterations: int, options=None):
-    out = torch.ops.capsrouting.capsule_routing_ext(u.contiguous(), W.contiguous(), *_op_options(options), num_iterations)
-    return _result(out, options)
+    out = torch.ops.capsrouting.capsule_routing_ext(u.contiguous(), W.contiguous(), *op_options(options), num_iterations)
+    return op_result(out, options)
 
 
 def route(u_hat: torch.Tensor, num_iterations: int, options=None):
-    return _result(torch.ops.capsrouting.route_ext(u_hat.contiguous(), *_op_options(options), num_iterations), options)
+    return op_result(torch.ops.capsrouting.route_ext(u_hat.contiguous(), *op_options(options), num_iterations), options)
 
 
 def _cuda_shape_reason(x: torch.Tensor, W: Optional[torch.Tensor]) -> Optional[str]:

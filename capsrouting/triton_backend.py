@@ -14,7 +14,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._autograd import register_backward_op_autograd, register_routing_autograd
+from ._autograd import (fake_forward, fake_option_grads, op_options, op_result, register_backward_op_autograd,
+                        register_routing_autograd)
 from ._validation import check_capsule_routing_args, check_route_args, check_routing_options
 from .backends import Backend, accumulation_dtype, register
 from .reference import SQUASH_EPS, squash
@@ -124,9 +125,9 @@ class LaunchConfig:
     W_IN_REGISTERS: bool  # one chunk holds all of Din: predictions come from the W tile in registers
     inputs_num_warps: int
 
-    def gpu_options(self, kernel: str = "forward", with_options: bool = False) -> dict:
-        """Compile options of one kernel, "forward", "reduce" or "inputs", plain or with the routing
-        options (its OPTIONS variant), for a GPU: its warps, its register cap, and multiply-adds fused
+    def gpu_options(self, kernel: str = "forward") -> dict:
+        """Compile options of one kernel, "forward", "reduce" or "inputs" (the same for its OPTIONS
+        variant), for a GPU: its warps, its register cap, and multiply-adds fused
         as the tolerances were measured (stated, because Triton's default changes after 3.9)."""
         num_warps = {"forward": self.num_warps, "reduce": self.reduce_num_warps, "inputs": self.inputs_num_warps}[kernel]
         return dict(num_warps=num_warps, maxnreg=_register_cap(num_warps), enable_fp_fusion=True)
@@ -139,9 +140,9 @@ class LaunchConfig:
             return _MAX_BLOCK_B // 2, 0
         return self.BLOCK_B, self.DOT_K
 
-    def compile_options(self, kernel: str = "forward", with_options: bool = False) -> dict:
+    def compile_options(self, kernel: str = "forward") -> dict:
         """What a launch passes: gpu_options, or nothing under the interpreter (it takes none)."""
-        return {} if _interpreting() else self.gpu_options(kernel, with_options)
+        return {} if _interpreting() else self.gpu_options(kernel)
 
 
 def _batch_tiling(jd: int, registers: int) -> Tuple[int, int, int]:
@@ -398,7 +399,7 @@ def routing_forward(x: torch.Tensor, W: Optional[torch.Tensor], num_iterations: 
     options = bias is not None or logit_prior is not None or leaky or return_couplings
     block_b, dot_k = cfg.forward_tile(options)
     blocks = dict(HAS_W=W is not None, OPTIONS=options, BLOCK_B=block_b, BLOCK_I=cfg.BLOCK_I,
-                  BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, DOT_K=dot_k, **cfg.compile_options("forward", options))
+                  BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, DOT_K=dot_k, **cfg.compile_options("forward"))
     grid = (-(-B // block_b), p.splits)
     with _device_guard(x):
         if one_launch:
@@ -448,7 +449,7 @@ def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, sp
     # The plain kernels unless an option changes the backward (the bias does not: it is in s(r)).
     options = logit_prior is not None or leaky or detach_inner
     blocks = dict(HAS_W=has_w, OPTIONS=options, BLOCK_B=cfg.REDUCE_BLOCK_B, BLOCK_I=cfg.REDUCE_BLOCK_I,
-                  BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, **cfg.compile_options("reduce", options))
+                  BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D, **cfg.compile_options("reduce"))
     reduce_grid = (p.reduce_tiles, p.reduce_splits)
     with _device_guard(x):
         # Phase 1: g_s(r) for every r, reducing A(r) over the input capsules.
@@ -477,7 +478,7 @@ def routing_backward(grad_v, x, W, s_saved, Vprev_saved, num_iterations: int, sp
             x, W_arg, Vprev_saved, gs_saved, dx, dW_partial, prior_arg, dprior_partial, B, I, J, D, K, R, p.b_per_chunk,
             prior_cols, leak, J if want_dprior else 0, int(detach_inner), R - 1 if one_pass else 0,
             HAS_W=has_w, OPTIONS=options, BLOCK_I=cfg.INPUTS_BLOCK_I, BLOCK_J=cfg.BLOCK_J, BLOCK_D=cfg.BLOCK_D,
-            BLOCK_K=cfg.BLOCK_K, W_IN_REGISTERS=cfg.W_IN_REGISTERS, **cfg.compile_options("inputs", options),
+            BLOCK_K=cfg.BLOCK_K, W_IN_REGISTERS=cfg.W_IN_REGISTERS, **cfg.compile_options("inputs"),
         )
         if has_w:
             dW.copy_(dW_partial.sum(dim=0) if p.chunks > 1 else dW_partial[0])
@@ -565,10 +566,7 @@ def route_backward_op(
 
 def _fake_forward(x, W, num_iterations, return_couplings):
     B, I, J, D, _ = _shape(x, W)
-    acc = accumulation_dtype(x.dtype)
-    saved = x.new_empty(num_iterations, B, J, D, dtype=acc)
-    c = x.new_empty((B, I, J) if return_couplings else (0,))
-    return x.new_empty(B, J, D), c, saved, torch.empty_like(saved)
+    return fake_forward(x, (num_iterations, B, J, D), I, J, D, return_couplings)
 
 
 @capsule_routing_op.register_fake
@@ -585,18 +583,13 @@ def _(u_hat, bias, logit_prior, leaky, detach_inner, return_couplings, num_itera
     return _fake_forward(u_hat, None, num_iterations, return_couplings)
 
 
-def _fake_option_grads(x, bias, logit_prior, option_grads):
-    fake = lambda t: torch.empty_like(t) if t is not None and option_grads else _empty(x)  # noqa: E731
-    return fake(bias), fake(logit_prior)
-
-
 capsule_routing_backward_op.register_fake(
     lambda grad_v, u, W, bias, prior, leaky, detach, option_grads, s, V, n: (
-        torch.empty_like(u), torch.empty_like(W), *_fake_option_grads(u, bias, prior, option_grads))
+        torch.empty_like(u), torch.empty_like(W), *fake_option_grads(u, bias, prior, option_grads))
 )
 route_backward_op.register_fake(
     lambda grad_v, u_hat, bias, prior, leaky, detach, option_grads, s, V, n: (
-        torch.empty_like(u_hat), *_fake_option_grads(u_hat, bias, prior, option_grads))
+        torch.empty_like(u_hat), *fake_option_grads(u_hat, bias, prior, option_grads))
 )
 
 register_routing_autograd(capsule_routing_op, capsule_routing_backward_op, has_weights=True)
@@ -607,26 +600,12 @@ register_backward_op_autograd(route_backward_op, "capsrouting::route_triton_back
 
 # ---- backend entry points ----------------------------------------------------------------------
 
-_NO_OPTIONS = (None, None, False, False, False)
-
-
-def _op_options(options) -> tuple:
-    if options is None:
-        return _NO_OPTIONS
-    return options.bias, options.logit_prior, options.leaky, options.detach_inner, options.return_couplings
-
-
-def _result(out, options):
-    v, c = out[0], out[1]
-    return (v, c) if options is not None and options.return_couplings else v
-
-
 def capsule_routing(u: torch.Tensor, W: torch.Tensor, num_iterations: int, options=None):
-    return _result(capsule_routing_op(u.contiguous(), W.contiguous(), *_op_options(options), num_iterations), options)
+    return op_result(capsule_routing_op(u.contiguous(), W.contiguous(), *op_options(options), num_iterations), options)
 
 
 def route(u_hat: torch.Tensor, num_iterations: int, options=None):
-    return _result(route_op(u_hat.contiguous(), *_op_options(options), num_iterations), options)
+    return op_result(route_op(u_hat.contiguous(), *op_options(options), num_iterations), options)
 
 
 def _shape_reason(x: torch.Tensor, W: Optional[torch.Tensor]) -> Optional[str]:

@@ -59,7 +59,7 @@ def variants():
             blocks = tuple((arg, getattr(cfg, field)) for arg, field in pairs)
             for dtype in (d for d, size in ELEMENT_SIZES.items() if size == element_size):
                 for with_options in (False, True):  # the plain op, and its variant with the routing options
-                    options = cfg.gpu_options(options_name, with_options)
+                    options = cfg.gpu_options(options_name)
                     tile = blocks
                     if options_name == "forward":  # its options variant may take a smaller batch tile
                         block_b, dot_k = cfg.forward_tile(with_options)
