@@ -48,7 +48,7 @@ def sweep(device: str, fast: bool = False, paper_layer_only: bool = False) -> Li
     ``paper_layer_only``: the batch sizes alone (the cases the speed targets are set on)."""
     if fast:  # tiny shapes: keeps the benchmark code exercised in CI
         return [Shape(2, 16, 3, 4, 5, 2, compile_backend="aot_eager")]
-    shapes = [dataclasses.replace(PAPER, B=B) for B in (1, 32, 128, 512)]
+    shapes = [dataclasses.replace(PAPER, B=B) for B in (1, 2, 4, 8, 16, 32, 128, 512)]
     if paper_layer_only:
         return shapes
     base = dataclasses.replace(PAPER, B=32)

@@ -1,15 +1,21 @@
-"""Backend "cpu" against the eager reference and torch.compile of it, at the paper's shape.
+"""Backend "cpu" against the eager reference and torch.compile of it, at the paper's layer.
 
-    python bench/cpu_speedup.py [--batch 128] [--repeats 10] [--out bench/results/cpu_speedup.json]
+    python bench/cpu_speedup.py [--batch 1 2 4 8 16 32 128] [--threads 1 2] [--paths]
+                                [--repeats 15] [--out bench/results/cpu_speedup.json] [--fast]
 
-Checks the answer first (bench/cases.py), then times forward and forward+backward
-(median of --repeats), measures the largest single allocation of each backend, and
-prints the speed-up ratios; --out writes the figures with the machine and versions.
+For each thread count and batch size: checks the answer first (bench/cases.py), then times
+forward and forward+backward (medians), and prints the speed-up of "cpu" over the better of
+the two references. --paths also times each of the CPU kernels forced (CAPSROUTING_CPU_PATH:
+"small-batch", vectorized over input capsules, and "batch", vectorized over the batch): the
+figures the batch-size threshold between them is set from. --out writes everything as JSON
+with the machine and versions. --fast: a tiny layer instead of the paper's, to check that the
+script runs.
 """
 import argparse
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -21,42 +27,79 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import capsrouting  # noqa: E402
 from bench import cases, memory  # noqa: E402
 
-BACKENDS = ("reference", "compiled", "cpu")
+REFERENCES = ("reference", "compiled")
+CPU_PATHS = ("small-batch", "batch")
+
+
+def _median_ms(run, repeats: int) -> float:
+    """Median over at least ``repeats`` runs, more for fast cases (about half a second of them)."""
+    first = cases.median_ms(run, 3, warmup=1)
+    return cases.median_ms(run, max(repeats, min(200, int(500 / max(first, 1e-3)))), warmup=0)
+
+
+def _layer(fast: bool):
+    return cases.sweep("cpu", fast=True)[0] if fast else cases.PAPER
+
+
+def _time_cpu_path(path: str, shape, repeats: int) -> dict:
+    os.environ["CAPSROUTING_CPU_PATH"] = path  # read by the extension on every call
+    try:
+        cases.check("cpu", shape, "cpu")
+        return {p: _median_ms(cases.make_runner("cpu", shape, p, "cpu"), repeats) for p in cases.PASSES}
+    finally:
+        os.environ.pop("CAPSROUTING_CPU_PATH")
+
+
+def measure(batch: int, repeats: int, paths: bool, fast: bool = False) -> dict:
+    shape = dataclasses.replace(_layer(fast), B=batch)
+    results = {}
+    for backend in (*REFERENCES, "cpu"):
+        cases.check(backend, shape, "cpu")
+        runs = {p: cases.make_runner(backend, shape, p, "cpu") for p in cases.PASSES}
+        results[backend] = {p: _median_ms(run, repeats) for p, run in runs.items()}
+        results[backend]["largest_allocation_MB"] = memory.largest_allocation_bytes(runs["forward+backward"]) / 2**20
+    if paths:
+        for path in CPU_PATHS:
+            results[f"cpu:{path}"] = _time_cpu_path(path, shape, repeats)
+    return results
+
+
+def speedup(results: dict) -> dict:
+    """cpu's speed-up over the better of the eager reference and torch.compile of it, per pass."""
+    return {p: min(results[r][p] for r in REFERENCES) / results["cpu"][p] for p in cases.PASSES}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch", type=int, nargs="+", default=[128])
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
+    parser.add_argument("--paths", action="store_true", help="also time each CPU kernel path forced")
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    parser.add_argument("--fast", action="store_true", help="a tiny layer: checks that the script runs")
     args = parser.parse_args()
+    if any(b < 1 for b in args.batch) or any(t < 1 for t in args.threads):
+        parser.error("--batch and --threads take positive integers")
 
-    shape = dataclasses.replace(cases.PAPER, B=args.batch)
-    results = {}
-    for backend in BACKENDS:
-        cases.check(backend, shape, "cpu")
-        runs = {p: cases.make_runner(backend, shape, p, "cpu") for p in cases.PASSES}
-        results[backend] = {p: cases.median_ms(run, args.repeats) for p, run in runs.items()}
-        results[backend]["largest_allocation_MB"] = memory.largest_allocation_bytes(runs["forward+backward"]) / 2**20
-
-    print(f"paper shape, batch {shape.B}, float32, {torch.get_num_threads()} threads, {platform.machine()}")
-    print(f"{'':12s} {'forward ms':>11s} {'fwd+bwd ms':>11s} {'largest alloc MB':>17s}")
-    for name, r in results.items():
-        print(f"{name:12s} {r['forward']:11.1f} {r['forward+backward']:11.1f} {r['largest_allocation_MB']:17.2f}")
-    ours = results["cpu"]
-    speedup = {base: {p: results[base][p] / ours[p] for p in cases.PASSES} for base in ("reference", "compiled")}
-    for base, ratio in speedup.items():
-        print(f"speed-up over {base}: forward {ratio['forward']:.1f}x, forward+backward {ratio['forward+backward']:.1f}x")
-    u_hat_MB = shape.B * shape.I * shape.J * shape.Dout * 4 / 2**20
-    print(f"u_hat (B*I*J*Dout float32) would be {u_hat_MB:.1f} MB; the cpu backend's largest allocation is "
-          f"{ours['largest_allocation_MB']:.2f} MB")
+    records = []
+    columns = [*REFERENCES, "cpu", *(f"cpu:{p}" for p in CPU_PATHS if args.paths)]
+    print(f"{'a tiny layer' if args.fast else 'paper layer'}, float32, {platform.machine()}; milliseconds, forward / forward+backward")
+    print(f"{'threads':>7s} {'batch':>5s} " + " ".join(f"{c:>17s}" for c in columns) + "  cpu speed-up over the better reference")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for batch in args.batch:
+            results = measure(batch, args.repeats, args.paths, args.fast)
+            ratio = speedup(results)
+            records.append(dict(threads=threads, batch=batch, results_ms=results, speedup=ratio))
+            cells = " ".join(f"{results[c]['forward']:8.3f}/{results[c]['forward+backward']:8.3f}" for c in columns)
+            print(f"{threads:7d} {batch:5d} {cells}  {ratio['forward']:.1f}x / {ratio['forward+backward']:.1f}x", flush=True)
 
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         record = dict(date=datetime.date.today().isoformat(), command="python bench/cpu_speedup.py " + " ".join(sys.argv[1:]),
-                      machine=dict(cpu=platform.machine(), threads=torch.get_num_threads()),
+                      machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count()),
                       versions=dict(torch=torch.__version__, capsrouting=capsrouting.__version__),
-                      shape={k: v for k, v in vars(shape).items() if k != "dtype"}, results_ms=results, speedup=speedup)
+                      shape={k: v for k, v in vars(_layer(args.fast)).items() if k not in ("dtype", "B")}, records=records)
         args.out.write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote {args.out}")
 

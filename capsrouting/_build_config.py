@@ -17,7 +17,7 @@ import shlex
 from pathlib import Path
 
 # Sources relative to the project root: the op schema, then the kernels per device.
-CPU_SOURCES = ["csrc/routing.cpp", "csrc/cpu/routing_cpu.cpp"]
+CPU_SOURCES = ["csrc/routing.cpp", "csrc/cpu/routing_cpu.cpp", "csrc/cpu/routing_cpu_small_batch.cpp"]
 CUDA_SOURCES = ["csrc/cuda/routing_cuda.cu"]
 
 

@@ -44,3 +44,14 @@ def test_options_report_times_every_variant_on_every_backend_that_runs_it(tmp_pa
         assert {"reference"} <= {r["backend"] for r in data["records"] if r["variant"] == variant}
     assert all(r["forward"] > 0 and r["forward+backward"] > 0 for r in data["records"])
     assert "| options | backend |" in record.with_suffix(".md").read_text()
+
+
+def test_cpu_speedup_times_every_batch_thread_count_and_kernel_path(tmp_path):
+    out = tmp_path / "cpu.json"
+    _run([sys.executable, "bench/cpu_speedup.py", "--fast", "--batch", "1", "3", "--threads", "1", "2", "--paths",
+          "--repeats", "1", "--out", str(out)])
+    records = json.loads(out.read_text())["records"]
+    assert [(r["threads"], r["batch"]) for r in records] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+    for r in records:
+        assert set(r["results_ms"]) == {"reference", "compiled", "cpu", "cpu:small-batch", "cpu:batch"}
+        assert all(r["results_ms"][b]["forward+backward"] > 0 for b in r["results_ms"])

@@ -107,24 +107,63 @@ def test_non_contiguous_inputs(backend, device):
     assert_non_contiguous_inputs_work(backend, device)
 
 
+CPU_PATHS = ["small-batch", "batch"]  # CAPSROUTING_CPU_PATH: which CPU kernels run, whatever the batch size
+
+
 @pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="cpu backend unavailable")
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("with_prior", [False, True], ids=["plain", "logit_prior"])
-def test_cpu_weight_gradient_bits_do_not_depend_on_threads(with_prior):
-    """Each dW[i] (and d logit_prior[i]) is summed over the batch in a fixed order by one thread."""
-    u, W = make_inputs(50, 30, 5, 10, 4, torch.float32, "cpu", requires_grad=True)
-    prior = torch.randn(30, 10, requires_grad=True) if with_prior else None
+def test_cpu_weight_gradient_bits_do_not_depend_on_threads(with_prior, path, monkeypatch):
+    """Each dW[i] (and d logit_prior[i]) is summed over the batch in a fixed order by one thread; the
+    small-batch kernels' partial sums over slices of input capsules are added in slice order."""
+    monkeypatch.setenv("CAPSROUTING_CPU_PATH", path)
+    B, I = (5, 150) if path == "small-batch" else (50, 30)  # small batch: 3 slices of input capsules
+    u, W = make_inputs(B, I, 5, 10, 4, torch.float32, "cpu", requires_grad=True)
+    prior = torch.randn(I, 10, requires_grad=True) if with_prior else None
     inputs = (u, W, prior) if with_prior else (u, W)
     threads = torch.get_num_threads()
-    grads = []
+    results = []
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             v = capsrouting.capsule_routing(u, W, 3, logit_prior=prior, backend="cpu")
-            grads.append(torch.autograd.grad(v.square().sum(), inputs))
+            results.append((v, *torch.autograd.grad(v.square().sum(), inputs)))
     finally:
         torch.set_num_threads(threads)
-    for other in grads[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+# Odd sizes for the small-batch kernels: I = 1153 is 72 whole float groups of 16 capsules and one
+# capsule more (a partial group in a partial slice), Din = 5 is padded to 8; J = 1 (every coupling 1)
+# and J = 10 with Dout = 16 (the paper's output capsules).
+SMALL_BATCH_SHAPES = {"I1153_J1_Din5": (1153, 5, 1, 3, 3), "I37_J10_Din5": (37, 5, 10, 16, 3)}
+
+
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="cpu backend unavailable")
+@pytest.mark.parametrize("shape", list(SMALL_BATCH_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("B", range(1, 18))
+def test_cpu_small_batch_kernels_match_reference(B, dtype, shape, monkeypatch):
+    """Forced at every B from 1 to 17 (auto runs them only below the measured threshold): values and gradients."""
+    monkeypatch.setenv("CAPSROUTING_CPU_PATH", "small-batch")
+    I, Din, J, Dout, R = SMALL_BATCH_SHAPES[shape]
+    assert_matches_reference("cpu", B, I, Din, J, Dout, R, dtype=dtype, device="cpu")
+
+
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="cpu backend unavailable")
+@pytest.mark.parametrize("B", [1, 3])
+def test_cpu_batch_kernels_still_match_reference_at_small_batches(B, monkeypatch):
+    monkeypatch.setenv("CAPSROUTING_CPU_PATH", "batch")
+    assert_matches_reference("cpu", B, 37, 5, 10, 16, 3, dtype=torch.float64, device="cpu")
+
+
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="cpu backend unavailable")
+def test_a_bad_cpu_path_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("CAPSROUTING_CPU_PATH", "fastest")
+    u, W = make_inputs(2, 5, 3, 4, 5, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="CAPSROUTING_CPU_PATH must be 'auto', 'small-batch' or 'batch', got 'fastest'"):
+        capsrouting.capsule_routing(u, W, 3, backend="cpu")
 
 
 # The routing options of DESIGN.md §6: those that change the forward together, and detach_inner alone

@@ -25,6 +25,9 @@ SHAPES = [(2, 3, 2, 2, 3, 1), (2, 4, 3, 3, 2, 3)]
 # The fused backends that run on CPU tensors here (Triton under its interpreter).
 FUSED_ON_CPU = [n for n in ("cpu", "triton") if n in capsrouting.available_backends() and "cpu" in backends.get(n).device_types()]
 ALL_ON_CPU = ["torch", *FUSED_ON_CPU]
+# The kernels of a fused backend: Triton's two launch paths (one launch, and input capsules split over
+# programs), the CPU kernels for small batches and for large (CAPSROUTING_CPU_PATH).
+KERNEL_PATHS = {"triton": ["one_launch", "split"], "cpu": ["small-batch", "batch"]}
 
 
 def _ids(combination):
@@ -131,8 +134,18 @@ def test_gradcheck_with_every_option(backend):
 
 @pytest.mark.parametrize("backend", ALL_ON_CPU)
 @pytest.mark.parametrize("entry", ["capsule_routing", "route"])
-def test_leading_dimensions_route_each_position_separately(entry, backend):
-    """A (B, H, W, I, ...) input equals routing each (b, h, w) on its own; no leading dims gives one sample."""
+def test_leading_dimensions_route_each_position_separately(entry, backend, monkeypatch):
+    """A (B, H, W, I, ...) input equals routing each (b, h, w) on its own; no leading dims gives one sample.
+
+    Bit for bit, so the CPU backend runs one kernel path for both batch sizes (each path separately):
+    the small-batch and the batch kernels sum in different orders."""
+    for path in KERNEL_PATHS["cpu"] if backend == "cpu" else [None]:
+        if path is not None:
+            monkeypatch.setenv("CAPSROUTING_CPU_PATH", path)
+        _check_leading_dimensions(entry, backend)
+
+
+def _check_leading_dimensions(entry, backend):
     g = torch.Generator().manual_seed(3)
     I, Din, J, Dout = 5, 3, 4, 2
     W = torch.randn(I, J, Dout, Din, generator=g, dtype=torch.float64)
@@ -263,18 +276,20 @@ def test_fused_backends_take_leading_dimensions(backend):
 
 
 
-@pytest.mark.parametrize("programs", [1, 64], ids=["one_launch", "split"])
+@pytest.mark.parametrize("path", ["one_launch", "split", "small-batch", "batch"])
 @pytest.mark.parametrize("backend", FUSED_ON_CPU)
-def test_fused_backends_match_the_reference_on_the_options_they_run(backend, programs, monkeypatch):
+def test_fused_backends_match_the_reference_on_the_options_they_run(backend, path, monkeypatch):
     """Every combination of the options a fused backend lists, float64 values and gradients against the
-    torch backend; for Triton both launch paths (one launch, and input capsules split over programs).
-    Every other combination also returns the couplings (when the backend lists return_couplings)."""
+    torch backend, through each of its kernel paths. Every other combination also returns the couplings
+    (when the backend lists return_couplings)."""
+    if path not in KERNEL_PATHS.get(backend, []):
+        pytest.skip(f"{backend} has no kernel path {path}")
     if backend == "triton":
         from capsrouting import triton_backend
 
-        monkeypatch.setattr(triton_backend, "_program_target", lambda device: programs)
-    elif programs > 1:
-        pytest.skip("only Triton has a split launch path")
+        monkeypatch.setattr(triton_backend, "_program_target", lambda device: 1 if path == "one_launch" else 64)
+    else:
+        monkeypatch.setenv("CAPSROUTING_CPU_PATH", path)
     supported = backends.get(backend).options
     combinations = [c for c in COMBINATIONS if any(c) and all(n in supported for n, on in zip(OPTION_NAMES, c) if on)]
     if not combinations:

@@ -44,85 +44,34 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "../routing_math.h"
+#include "routing_cpu_small_batch.h"
+#include "simd.h"
 
 namespace capsrouting::cpu {
 namespace {
 
+using simd::add_scaled_rows;
+using simd::coupling_gradients;
+using simd::couplings;
+using simd::Lanes;
+using simd::lanes_sum;
+using simd::OptionValues;
+
 // Batch elements per chunk: one 64-byte vector of the accumulation type (16 floats or
 // 8 doubles), the SIMD dimension of every inner loop.
 template <typename acc_t>
-constexpr int64_t kLanes = 64 / sizeof(acc_t);
+constexpr int64_t kLanes = simd::kLanes<acc_t>;
 // Chunks that share one read of W[i] in a pass; their state (2 tiles each) stays in L2.
 constexpr int64_t kGroup = 4;
 
 // Columns of Din handled together in the backward: one accumulator register each.
 constexpr int64_t kBlockK = 4;
-
-// The kLanes numbers of a chunk as one GCC/Clang vector: the compiler maps its arithmetic
-// onto whatever SIMD width the target has (AVX-512, AVX2, SSE, NEON). 64 bytes, so any
-// row of a lane-minor tensor is aligned (torch's CPU allocations are 64-byte aligned).
-template <typename T>
-struct LaneVector;
-template <>
-struct LaneVector<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct LaneVector<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
-
-template <typename T>
-using Lanes = typename LaneVector<T>::type;
-
-inline Lanes<float> lanes_max(Lanes<float> a, Lanes<float> b) { return a > b ? a : b; }
-inline Lanes<double> lanes_max(Lanes<double> a, Lanes<double> b) { return a > b ? a : b; }
-
-// exp of every lane, x <= 0. float: the polynomial of routing_math.h, written on whole
-// vectors so that it stays SIMD; double (the accuracy reference): the library exp.
-inline Lanes<float> lanes_exp(Lanes<float> x) {
-  typedef int32_t Ints __attribute__((vector_size(64)));
-  x = x < -87.0f ? Lanes<float>{} - 87.0f : x;
-  const Ints n_int = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, Ints);  // round(x / ln2)
-  const Lanes<float> n = __builtin_convertvector(n_int, Lanes<float>);
-  const Lanes<float> f = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  Lanes<float> p = f * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * f + 8.3334519073e-3f;
-  p = p * f + 4.1665795894e-2f;
-  p = p * f + 1.6666665459e-1f;
-  p = p * f + 5.0000001201e-1f;
-  p = p * f * f + f + 1.0f;
-  const Ints bits = (n_int + 127) << 23;
-  Lanes<float> scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-inline Lanes<double> lanes_exp(Lanes<double> x) {
-  for (int64_t l = 0; l < kLanes<double>; ++l) x[l] = std::exp(x[l]);
-  return x;
-}
-
-// Sum of the lanes by a fixed pairwise tree of vector halves (the same bits every call).
-inline float lanes_sum(Lanes<float> x) {
-  typedef float Half8 __attribute__((vector_size(32)));
-  typedef float Half4 __attribute__((vector_size(16)));
-  const Half8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-  const Half4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-inline double lanes_sum(Lanes<double> x) {
-  typedef double Half4 __attribute__((vector_size(32)));
-  const Half4 a = __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
-  return (a[0] + a[2]) + (a[1] + a[3]);
-}
 
 struct Sizes {
   int64_t B, I, J, D, K, R;  // K = 0: predictions given (route)
@@ -180,72 +129,6 @@ struct Predictions {
     }
   }
 };
-
-// The routing options of DESIGN.md §6 as the loops read them (acc_t copies of the tensors). Two
-// kinds: with kOptions the values of a call; without, compile-time nothing, so that the loops of the
-// plain op compile as if the options did not exist.
-template <typename acc_t, bool kOptions>
-struct OptionValues {
-  const acc_t* bias = nullptr;   // (J*D), added to s(r); null: none
-  const acc_t* prior = nullptr;  // (I, J), the initial logits; null: zeros
-  bool leaky = false;            // an extra zero logit in every softmax
-  bool detach_inner = false;     // backward: u_hat gets the last iteration's c g_s alone
-
-  const acc_t* prior_row(int64_t i, int64_t J) const { return prior != nullptr ? prior + i * J : nullptr; }
-  // The first iteration's couplings are 1/J: its logits are all zero and nothing leaks.
-  bool uniform_start() const { return prior == nullptr && !leaky; }
-};
-
-template <typename acc_t>
-struct OptionValues<acc_t, false> {
-  static constexpr const acc_t* bias = nullptr;
-  static constexpr bool leaky = false;
-  static constexpr bool detach_inner = false;
-  static constexpr const acc_t* prior_row(int64_t, int64_t) { return nullptr; }
-  static constexpr bool uniform_start() { return true; }
-};
-
-// c[j] = softmax over j of prior[j] + dot(uh[j], V[j]): the couplings of one input capsule
-// (prior null: no prior). leaky: an extra zero logit, c[j] = exp(b_j - m) / (exp(-m) + sum_k exp(b_k - m))
-// with m = max(0, max_k b_k).
-template <typename Vec, typename acc_t>
-void couplings(const Vec* uh, const Vec* V, int64_t J, int64_t D, const acc_t* prior, bool leaky, Vec* c) {
-  for (int64_t j = 0; j < J; ++j) {
-    Vec dot = {};
-    for (int64_t d = 0; d < D; ++d) dot += uh[j * D + d] * V[j * D + d];
-    c[j] = prior != nullptr ? dot + prior[j] : dot;
-  }
-  Vec max = c[0];
-  for (int64_t j = 1; j < J; ++j) max = lanes_max(max, c[j]);
-  if (leaky) max = lanes_max(max, Vec{});
-  Vec sum = leaky ? lanes_exp(Vec{} - max) : Vec{};
-  for (int64_t j = 0; j < J; ++j) {
-    c[j] = lanes_exp(c[j] - max);
-    sum += c[j];
-  }
-  const Vec inverse = 1 / sum;
-  for (int64_t j = 0; j < J; ++j) c[j] *= inverse;
-}
-
-// g_b[j] = c[j] * (g_c[j] - sum_k c[k] g_c[k]), with g_c[j] = dot(g_s[j], uh[j]).
-template <typename Vec>
-void coupling_gradients(const Vec* uh, const Vec* gs, int64_t J, int64_t D, const Vec* c, Vec* gb) {
-  Vec weighted = {};
-  for (int64_t j = 0; j < J; ++j) {
-    Vec dot = {};
-    for (int64_t d = 0; d < D; ++d) dot += uh[j * D + d] * gs[j * D + d];
-    gb[j] = dot;
-    weighted += c[j] * dot;
-  }
-  for (int64_t j = 0; j < J; ++j) gb[j] = c[j] * (gb[j] - weighted);
-}
-
-// out[j*D + d] += c[j] * x[j*D + d]
-template <typename Vec>
-void add_scaled_rows(const Vec* c, const Vec* x, int64_t J, int64_t D, Vec* out) {
-  for (int64_t j = 0; j < J; ++j)
-    for (int64_t d = 0; d < D; ++d) out[j * D + d] += c[j] * x[j * D + d];
-}
 
 template <typename scalar_t, typename acc_t, bool kOptions>
 struct Routing {
@@ -528,9 +411,25 @@ void with_options_or_not(bool on, Body&& body) {
     body(std::false_type{});
 }
 
+// The kernels that run a call. Below kSmallBatchMax samples the batch kernels would leave most
+// lanes of their one chunk idle, on one thread; the small-batch kernels vectorize over the input
+// capsules and split them over the threads instead. The threshold is measured: bench/cpu_paths.py
+// times both kernels over the batch sizes (CAPSROUTING_CPU_PATH forces one of them, for that
+// and for tests).
+constexpr int64_t kSmallBatchMax = 8;
+
+bool use_small_batch_kernels(int64_t B) {
+  const char* forced = std::getenv("CAPSROUTING_CPU_PATH");
+  if (forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0) return B <= kSmallBatchMax;
+  if (std::strcmp(forced, "small-batch") == 0) return true;
+  if (std::strcmp(forced, "batch") == 0) return false;
+  TORCH_CHECK(false, "CAPSROUTING_CPU_PATH must be 'auto', 'small-batch' or 'batch', got '", forced, "'");
+}
+
 }  // namespace
 
 ForwardResult forward(const at::Tensor& x, const at::Tensor& W_in, const RoutingOptions& options, int64_t R) {
+  if (use_small_batch_kernels(x.size(0))) return small_batch::forward(x, W_in, options, R);
   const at::Tensor* W = W_in.defined() ? &W_in : nullptr;
   const Sizes sz = sizes_of(x, W, R);
   const auto acc = accumulate_type(x);
@@ -559,6 +458,7 @@ ForwardResult forward(const at::Tensor& x, const at::Tensor& W_in, const Routing
 BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at::Tensor& W_in,
                         const RoutingOptions& options, const at::Tensor& s_saved, const at::Tensor& Vprev_saved,
                         int64_t R) {
+  if (use_small_batch_kernels(x.size(0))) return small_batch::backward(grad_v, x, W_in, options, s_saved, Vprev_saved, R);
   const at::Tensor* W = W_in.defined() ? &W_in : nullptr;
   const Sizes sz = sizes_of(x, W, R);
   const bool full = options.full_backward();

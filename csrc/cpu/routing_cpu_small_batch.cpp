@@ -1,0 +1,501 @@
+// CPU kernels of the routing ops for small batches: DESIGN.md §2-§3 vectorized over the input
+// capsules, each sample's work split over the threads.
+//
+// Why. The batch kernels (routing_cpu.cpp) put kLanes batch elements in a vector: below a
+// full chunk most lanes idle, and one chunk runs on one thread. Here a vector holds L input
+// capsules of one sample (L = 16 floats or 8 doubles), and the threads share the input capsules.
+//
+// Layout and tiling. Input capsules are taken L at a time (a "group", lane l = capsule
+// group * L + l; lanes past I hold zero predictions, which add nothing anywhere), and groups
+// kSliceGroups at a time (a "slice"). Every parallel loop runs over slices, each slice handling
+// every sample. The predictions of every sample are built once per call into
+// u_hat[b][group][jd][lane], in the accumulation type (B*I*J*Dout numbers: 737 KB a sample at
+// the paper's layer; they stay in L2/L3 for the later passes). A row u_hat[b, i] = W[i] u[b, i]
+// is J*Dout dot products of length Din, written for a compile-time padded Din (4, 8, 12, 16) so
+// that the compiler vectorizes across rows; W[i] is read once per call for all the samples.
+//
+// Forward: one parallel pass over the slices per iteration. Per group and sample: the logits
+// against V(r-1) (the same for every lane), the softmax over j, and s summed per lane; at the end
+// of the slice its lanes are added by a fixed tree: one partial s per (sample, slice). Between
+// passes one thread adds the partials in slice order, then the bias, and squashes.
+//
+// Backward: the predictions are built again. Phase 1 (g_s of every iteration): per r = R-1..1 a
+// parallel pass that reduces A(r) into partials per (sample, slice), added in slice order.
+// Phase 2, parallel over slices: per group, for each sample in order, du_hat (vertical over the
+// lanes), du from W[i], and dW[i] and d logit_prior[i] summed over the samples in order.
+//
+// Determinism: the slicing, not the threads, fixes every order of summation (partials in slice
+// order, dW[i] and dprior[i] each owned by one slice), so results have the same bits whatever
+// the number of threads.
+//
+// Registers: one vector per accumulator (a row dot, a logit, a coupling); a group's predictions
+// (J*Dout vectors) and its dW accumulator (L*J*Dout*Din numbers) stay in L1/L2.
+#include "routing_cpu_small_batch.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../routing_math.h"
+#include "simd.h"
+
+namespace capsrouting::cpu::small_batch {
+namespace {
+
+using simd::add_scaled_rows;
+using simd::coupling_gradients;
+using simd::couplings;
+using simd::Lanes;
+using simd::lanes_sum;
+using simd::OptionValues;
+
+// Groups of L input capsules per slice, the unit of work of a thread and of every partial sum:
+// 64 float capsules (18 slices at the paper's I = 1152).
+constexpr int64_t kSliceGroups = 4;
+
+// Din is padded to a multiple of this (zeros in u and W): a row's dot product then has a length
+// the compiler knows for the common Din.
+constexpr int64_t kPadK = 4;
+
+struct Sizes {
+  int64_t B, I, J, D, K, R;  // K = 0: predictions given (route)
+  int64_t L;                  // lanes per group: kLanes of the accumulation type
+  int64_t JD() const { return J * D; }
+  int64_t Kp() const { return (K + kPadK - 1) / kPadK * kPadK; }
+  int64_t groups() const { return (I + L - 1) / L; }
+  int64_t slices() const { return (groups() + kSliceGroups - 1) / kSliceGroups; }
+  int64_t group_begin(int64_t slice) const { return slice * kSliceGroups; }
+  int64_t group_end(int64_t slice) const { return std::min(groups(), (slice + 1) * kSliceGroups); }
+  int64_t lanes(int64_t group) const { return std::min(L, I - group * L); }
+};
+
+// row[jd] = sum_k w[jd * kK + k] * u[k]: one prediction row of an input capsule.
+template <int64_t kK, typename acc_t>
+void predict_row(const acc_t* w, const acc_t* u, int64_t JD, acc_t* row) {
+  for (int64_t jd = 0; jd < JD; ++jd) {
+    acc_t acc = 0;
+    for (int64_t k = 0; k < kK; ++k) acc += w[jd * kK + k] * u[k];
+    row[jd] = acc;
+  }
+}
+
+template <typename acc_t>
+void predict_row(const acc_t* w, const acc_t* u, int64_t JD, int64_t Kp, acc_t* row) {
+  switch (Kp) {
+    case 4: return predict_row<4>(w, u, JD, row);
+    case 8: return predict_row<8>(w, u, JD, row);
+    case 12: return predict_row<12>(w, u, JD, row);
+    case 16: return predict_row<16>(w, u, JD, row);
+    default:
+      for (int64_t jd = 0; jd < JD; ++jd) {
+        acc_t acc = 0;
+        for (int64_t k = 0; k < Kp; ++k) acc += w[jd * Kp + k] * u[k];
+        row[jd] = acc;
+      }
+  }
+}
+
+// Whether phase 2 adds each iteration's c g_s and g_b V(r-1) to du_hat (DESIGN.md §6): with
+// detach_inner only the last iteration's c g_s reaches u_hat; V(0) = 0 cancels g_b V anyway at r = 0.
+struct Terms {
+  bool c, gb;
+};
+
+template <typename scalar_t, typename acc_t, bool kOptions>
+struct SmallBatchRouting {
+  using Vec = Lanes<acc_t>;
+  Sizes sz;
+  const acc_t* W = nullptr;         // (I, J*D, Kp), Din zero-padded; null: route
+  const acc_t* u = nullptr;         // (B, I, Kp), zero-padded
+  const scalar_t* u_hat = nullptr;  // (B, I, J*D): given predictions (route)
+  Vec* predictions = nullptr;       // (B, groups, J*D) vectors: u_hat[b][group][jd][lane]
+  const Vec* prior_lanes = nullptr; // (groups, J) vectors: logit_prior[group*L + lane, j]; null: none
+  OptionValues<acc_t, kOptions> opt;
+
+  Vec* predictions_of(int64_t b, int64_t group) const { return predictions + (b * sz.groups() + group) * sz.JD(); }
+  const Vec* prior_of(int64_t group) const {
+    if constexpr (kOptions) return prior_lanes != nullptr ? prior_lanes + group * sz.J : nullptr;
+    return nullptr;
+  }
+
+  // Writes the predictions of every sample for the groups of a slice.
+  void build(int64_t slice) const {
+    const int64_t JD = sz.JD(), Kp = sz.Kp();
+    std::vector<acc_t> row(JD);
+    for (int64_t g = sz.group_begin(slice); g < sz.group_end(slice); ++g) {
+      for (int64_t b = 0; b < sz.B; ++b) std::fill(predictions_of(b, g), predictions_of(b, g) + JD, Vec{});
+      for (int64_t l = 0; l < sz.lanes(g); ++l) {
+        const int64_t i = g * sz.L + l;
+        for (int64_t b = 0; b < sz.B; ++b) {  // W[i] stays in L1 across the samples
+          Vec* uh = predictions_of(b, g);
+          if (W != nullptr) {
+            predict_row(W + i * JD * Kp, u + (b * sz.I + i) * Kp, JD, Kp, row.data());
+            for (int64_t jd = 0; jd < JD; ++jd) uh[jd][l] = row[jd];
+          } else {
+            const scalar_t* given = u_hat + (b * sz.I + i) * JD;
+            for (int64_t jd = 0; jd < JD; ++jd) uh[jd][l] = static_cast<acc_t>(given[jd]);
+          }
+        }
+      }
+    }
+  }
+
+  // The couplings of sample b's input capsules in group g against V(r-1) (one vector per jd,
+  // every lane the same). uniform: the first iteration's 1/J.
+  void group_couplings(int64_t g, const Vec* uh, const Vec* V, bool uniform, Vec* c) const {
+    if (uniform) {
+      std::fill(c, c + sz.J, Vec{} + acc_t(1) / acc_t(sz.J));
+      return;
+    }
+    couplings(uh, V, sz.J, sz.D, prior_of(g), opt.leaky, c);
+  }
+
+  // One forward pass of iteration r over a slice: s_partial[b] (J*D) for every sample, and the
+  // couplings into c_out (B, I, J) unless it is null.
+  void forward_pass(int64_t slice, int64_t r, const Vec* V_splat, acc_t* s_partial, int64_t s_stride,
+                    scalar_t* c_out) const {
+    const int64_t JD = sz.JD(), J = sz.J;
+    std::vector<Vec> s(JD), c(J);
+    const bool uniform = r == 0 && opt.uniform_start();
+    for (int64_t b = 0; b < sz.B; ++b) {
+      std::fill(s.begin(), s.end(), Vec{});
+      for (int64_t g = sz.group_begin(slice); g < sz.group_end(slice); ++g) {
+        const Vec* uh = predictions_of(b, g);
+        group_couplings(g, uh, V_splat + b * JD, uniform, c.data());
+        add_scaled_rows(c.data(), uh, J, sz.D, s.data());
+        if (kOptions && c_out != nullptr)
+          for (int64_t l = 0; l < sz.lanes(g); ++l)
+            for (int64_t j = 0; j < J; ++j) c_out[(b * sz.I + g * sz.L + l) * J + j] = static_cast<scalar_t>(c[j][l]);
+      }
+      for (int64_t jd = 0; jd < JD; ++jd) s_partial[b * s_stride + jd] = lanes_sum(s[jd]);
+    }
+  }
+
+  // A(r) of a slice (DESIGN.md §3) for every sample: sum_i g_b[i, j] u_hat[i, j], into A_partial[b].
+  void reduce_pass(int64_t slice, const Vec* Vprev_splat, const Vec* gs_splat, acc_t* A_partial,
+                   int64_t A_stride) const {
+    const int64_t JD = sz.JD(), J = sz.J;
+    std::vector<Vec> A(JD), c(J), gb(J);
+    for (int64_t b = 0; b < sz.B; ++b) {
+      std::fill(A.begin(), A.end(), Vec{});
+      for (int64_t g = sz.group_begin(slice); g < sz.group_end(slice); ++g) {
+        const Vec* uh = predictions_of(b, g);
+        couplings(uh, Vprev_splat + b * JD, J, sz.D, prior_of(g), opt.leaky, c.data());
+        coupling_gradients(uh, gs_splat + b * JD, J, sz.D, c.data(), gb.data());
+        add_scaled_rows(gb.data(), uh, J, sz.D, A.data());
+      }
+      for (int64_t jd = 0; jd < JD; ++jd) A_partial[b * A_stride + jd] = lanes_sum(A[jd]);
+    }
+  }
+
+  // Phase 2 of a slice: dx (du or du_hat) of its input capsules for every sample, dW[i] and
+  // dprior[i] (unless null). gs_splat and Vprev_splat: (B, R, J*D) vectors. Not full: r = R-1 alone.
+  void input_pass(int64_t slice, const Vec* gs_splat, const Vec* Vprev_splat, scalar_t* dx, scalar_t* dW,
+                  acc_t* dprior, bool full) const {
+    const int64_t JD = sz.JD(), J = sz.J, D = sz.D, R = sz.R, K = sz.K, Kp = sz.Kp(), L = sz.L;
+    if constexpr (!kOptions) {  // compile-time: the plain op's loops
+      dprior = nullptr;
+      full = true;
+    }
+    std::vector<Vec> du_hat(JD), c(J), gb(J), dprior_lanes(J);
+    std::vector<acc_t> dW_group(W != nullptr ? L * JD * Kp : 0), du(Kp);
+    const acc_t uniform = acc_t(1) / acc_t(J);
+    for (int64_t g = sz.group_begin(slice); g < sz.group_end(slice); ++g) {
+      const int64_t lanes = sz.lanes(g);
+      std::fill(dW_group.begin(), dW_group.end(), acc_t(0));
+      std::fill(dprior_lanes.begin(), dprior_lanes.end(), Vec{});
+      for (int64_t b = 0; b < sz.B; ++b) {
+        const Vec* uh = predictions_of(b, g);
+        std::fill(du_hat.begin(), du_hat.end(), Vec{});
+        for (int64_t r = full ? 0 : R - 1; r < R; ++r) {
+          const Vec* gs = gs_splat + (b * R + r) * JD;
+          const Vec* Vp = Vprev_splat + (b * R + r) * JD;
+          const Terms take{r == R - 1 || !opt.detach_inner, r > 0 && !opt.detach_inner};
+          if (r == 0 && opt.uniform_start() && dprior == nullptr) {  // uniform couplings, g_b V(0) = 0
+            if (take.c)
+              for (int64_t jd = 0; jd < JD; ++jd) du_hat[jd] += uniform * gs[jd];
+            continue;
+          }
+          if (!take.c && !take.gb && dprior == nullptr) continue;
+          couplings(uh, Vp, J, D, prior_of(g), opt.leaky, c.data());
+          if (take.c) add_scaled_rows(c.data(), gs, J, D, du_hat.data());
+          if (!take.gb && dprior == nullptr) continue;
+          coupling_gradients(uh, gs, J, D, c.data(), gb.data());
+          if (take.gb) add_scaled_rows(gb.data(), Vp, J, D, du_hat.data());
+          if (dprior != nullptr)  // lanes past I have zero predictions, so g_b = 0 there
+            for (int64_t j = 0; j < J; ++j) dprior_lanes[j] += gb[j];
+        }
+        for (int64_t l = 0; l < lanes; ++l) {
+          const int64_t i = g * L + l;
+          if (W == nullptr) {  // route: du_hat is the answer
+            scalar_t* row = dx + (b * sz.I + i) * JD;
+            for (int64_t jd = 0; jd < JD; ++jd) row[jd] = static_cast<scalar_t>(du_hat[jd][l]);
+            continue;
+          }
+          // du[k] = sum_jd W[i, jd, k] du_hat[jd]; dW[i, jd, k] += du_hat[jd] u[b, i, k], samples in order.
+          const acc_t* w = W + i * JD * Kp;
+          const acc_t* u_i = u + (b * sz.I + i) * Kp;
+          acc_t* dW_i = dW_group.data() + l * JD * Kp;
+          std::fill(du.begin(), du.end(), acc_t(0));
+          for (int64_t jd = 0; jd < JD; ++jd) {
+            const acc_t g_jd = du_hat[jd][l];
+            for (int64_t k = 0; k < Kp; ++k) {
+              du[k] += w[jd * Kp + k] * g_jd;
+              dW_i[jd * Kp + k] += g_jd * u_i[k];
+            }
+          }
+          for (int64_t k = 0; k < K; ++k) dx[(b * sz.I + i) * K + k] = static_cast<scalar_t>(du[k]);
+        }
+      }
+      for (int64_t l = 0; l < lanes; ++l) {
+        const int64_t i = g * L + l;
+        if (dprior != nullptr)
+          for (int64_t j = 0; j < J; ++j) dprior[i * J + j] = dprior_lanes[j][l];
+        if (W != nullptr)
+          for (int64_t jd = 0; jd < JD; ++jd)
+            for (int64_t k = 0; k < K; ++k)
+              dW[(i * JD + jd) * K + k] = static_cast<scalar_t>(dW_group[(l * JD + jd) * Kp + k]);
+      }
+    }
+  }
+};
+
+at::ScalarType accumulate_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+Sizes sizes_of(const at::Tensor& x, const at::Tensor& W, int64_t R) {
+  const int64_t L = 64 / int64_t(c10::elementSize(accumulate_type(x)));
+  if (W.defined()) return {x.size(0), W.size(0), W.size(1), W.size(2), W.size(3), R, L};
+  return {x.size(0), x.size(1), x.size(2), x.size(3), 0, R, L};
+}
+
+// The last dimension of t zero-padded to Kp, in the accumulation type (t itself when it already is).
+at::Tensor padded_last_dim(const at::Tensor& t, int64_t Kp, at::ScalarType acc) {
+  if (t.size(-1) == Kp && t.scalar_type() == acc) return t.contiguous();
+  auto sizes = t.sizes().vec();
+  sizes.back() = Kp;
+  auto padded = at::zeros(sizes, t.options().dtype(acc));
+  padded.narrow(-1, 0, t.size(-1)).copy_(t);
+  return padded;
+}
+
+// Each number of a (rows, n) tensor as a whole vector: (rows, n, L), every lane equal.
+template <typename acc_t>
+at::Tensor splat(const at::Tensor& t, int64_t L) {
+  return t.to(c10::CppTypeToScalarType<acc_t>::value).unsqueeze(-1).expand({-1, -1, L}).contiguous();
+}
+
+template <typename acc_t>
+Lanes<acc_t>* lanes_of(const at::Tensor& t) {
+  return reinterpret_cast<Lanes<acc_t>*>(t.data_ptr<acc_t>());
+}
+
+// Tensors whose pointers a SmallBatchRouting reads; kept alive for the duration of a call.
+struct Prepared {
+  at::Tensor x, W, u, predictions, prior_lanes, bias;
+};
+
+template <typename scalar_t, typename acc_t, bool kOptions>
+SmallBatchRouting<scalar_t, acc_t, kOptions> make_routing(const at::Tensor& x, const at::Tensor& W, int64_t R,
+                                                          const RoutingOptions& options, Prepared& keep) {
+  SmallBatchRouting<scalar_t, acc_t, kOptions> routing;
+  const Sizes sz = sizes_of(x, W, R);
+  routing.sz = sz;
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  keep.x = x.contiguous();
+  if (W.defined()) {
+    keep.W = padded_last_dim(W, sz.Kp(), acc);
+    keep.u = padded_last_dim(keep.x, sz.Kp(), acc);
+    routing.W = keep.W.data_ptr<acc_t>();
+    routing.u = keep.u.data_ptr<acc_t>();
+  } else {
+    routing.u_hat = keep.x.data_ptr<scalar_t>();
+  }
+  keep.predictions = at::empty({sz.B, sz.groups(), sz.JD(), sz.L}, x.options().dtype(acc));
+  routing.predictions = lanes_of<acc_t>(keep.predictions);
+  if constexpr (kOptions) {
+    if (options.bias.defined()) {
+      keep.bias = options.bias.to(acc).contiguous();
+      routing.opt.bias = keep.bias.data_ptr<acc_t>();
+    }
+    if (options.logit_prior.defined()) {  // (groups, J, L): the prior of each lane's input capsule
+      auto padded = at::zeros({sz.groups() * sz.L, sz.J}, x.options().dtype(acc));
+      padded.narrow(0, 0, sz.I).copy_(options.logit_prior);
+      keep.prior_lanes = padded.view({sz.groups(), sz.L, sz.J}).transpose(1, 2).contiguous();
+      routing.prior_lanes = lanes_of<acc_t>(keep.prior_lanes);
+      routing.opt.prior = keep.prior_lanes.data_ptr<acc_t>();  // marks "a prior" for uniform_start()
+    }
+    routing.opt.leaky = options.leaky;
+    routing.opt.detach_inner = options.detach_inner;
+  }
+  return routing;
+}
+
+template <typename Body>
+void with_options_or_not(bool on, Body&& body) {
+  if (on)
+    body(std::true_type{});
+  else
+    body(std::false_type{});
+}
+
+// Over the slices, one or more per task: the order of summation is the slices', not the threads'.
+template <typename Body>
+void for_each_slice(const Sizes& sz, Body&& body) {
+  at::parallel_for(0, sz.slices(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t slice = begin; slice < end; ++slice) body(slice);
+  });
+}
+
+// v = squash(s) for one sample: returns the squashed J*D numbers into v.
+template <typename acc_t>
+void squash_into(const acc_t* s, int64_t J, int64_t D, acc_t* v) {
+  for (int64_t j = 0; j < J; ++j) {
+    acc_t n2 = 0;
+    for (int64_t d = 0; d < D; ++d) n2 += s[j * D + d] * s[j * D + d];
+    const acc_t f = squash_factor(n2);
+    for (int64_t d = 0; d < D; ++d) v[j * D + d] = f * s[j * D + d];
+  }
+}
+
+// g_s = squash_backward(s, g_v) for one sample.
+template <typename acc_t>
+void squash_backward_into(const acc_t* s, const acc_t* gv, int64_t J, int64_t D, acc_t* gs) {
+  for (int64_t j = 0; j < J; ++j) {
+    acc_t n2 = 0, sg = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      n2 += s[j * D + d] * s[j * D + d];
+      sg += s[j * D + d] * gv[j * D + d];
+    }
+    const acc_t f = squash_factor(n2), df2 = squash_backward_df2(n2) * sg;
+    for (int64_t d = 0; d < D; ++d) gs[j * D + d] = f * gv[j * D + d] + df2 * s[j * D + d];
+  }
+}
+
+// out[b, jd] = sum over the slices in order of partial[b, slice, jd].
+template <typename acc_t>
+void add_partials(const acc_t* partial, int64_t B, int64_t slices, int64_t JD, acc_t* out) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t jd = 0; jd < JD; ++jd) {
+      acc_t sum = 0;
+      for (int64_t slice = 0; slice < slices; ++slice) sum += partial[(b * slices + slice) * JD + jd];
+      out[b * JD + jd] = sum;
+    }
+}
+
+}  // namespace
+
+ForwardResult forward(const at::Tensor& x, const at::Tensor& W, const RoutingOptions& options, int64_t R) {
+  const Sizes sz = sizes_of(x, W, R);
+  const auto acc = accumulate_type(x);
+  auto v = at::empty({sz.B, sz.J, sz.D}, x.options());
+  auto c = options.return_couplings ? at::empty({sz.B, sz.I, sz.J}, x.options()) : at::Tensor();
+  auto s_saved = at::empty({sz.B, R, sz.J, sz.D}, x.options().dtype(acc));
+  auto Vprev_saved = at::empty_like(s_saved);
+  if (sz.B == 0) return {v, c, s_saved, Vprev_saved};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_forward_cpu_small_batch", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const bool on = options.bias.defined() || options.logit_prior.defined() || options.leaky || c.defined();
+    with_options_or_not(on, [&](auto kOptions) {
+      Prepared keep;
+      const auto routing = make_routing<scalar_t, acc_t, decltype(kOptions)::value>(x, W, R, options, keep);
+      const int64_t JD = sz.JD(), slices = sz.slices();
+      auto s_partial = at::empty({sz.B, slices, JD}, x.options().dtype(acc));
+      auto s = at::empty({sz.B, JD}, x.options().dtype(acc));
+      auto V = at::zeros({sz.B, JD}, x.options().dtype(acc));
+      std::vector<acc_t> v_r(JD);
+      for (int64_t r = 0; r < R; ++r) {
+        const auto V_splat = splat<acc_t>(V, sz.L);
+        scalar_t* c_out = c.defined() && r == R - 1 ? c.data_ptr<scalar_t>() : nullptr;
+        for_each_slice(sz, [&](int64_t slice) {
+          if (r == 0) routing.build(slice);
+          routing.forward_pass(slice, r, lanes_of<acc_t>(V_splat), s_partial.data_ptr<acc_t>() + slice * JD,
+                               slices * JD, c_out);
+        });
+        add_partials(s_partial.data_ptr<acc_t>(), sz.B, slices, JD, s.data_ptr<acc_t>());
+        for (int64_t b = 0; b < sz.B; ++b) {
+          acc_t* s_b = s.data_ptr<acc_t>() + b * JD;
+          acc_t* V_b = V.data_ptr<acc_t>() + b * JD;
+          if (routing.opt.bias != nullptr)  // DESIGN.md §6: s(r) is saved with the bias in it
+            for (int64_t jd = 0; jd < JD; ++jd) s_b[jd] += routing.opt.bias[jd];
+          std::copy(s_b, s_b + JD, s_saved.data_ptr<acc_t>() + (b * R + r) * JD);
+          std::copy(V_b, V_b + JD, Vprev_saved.data_ptr<acc_t>() + (b * R + r) * JD);
+          squash_into(s_b, sz.J, sz.D, v_r.data());
+          for (int64_t jd = 0; jd < JD; ++jd) V_b[jd] += v_r[jd];
+          if (r == R - 1)
+            for (int64_t jd = 0; jd < JD; ++jd) v.data_ptr<scalar_t>()[b * JD + jd] = static_cast<scalar_t>(v_r[jd]);
+        }
+      }
+    });
+  });
+  return {v, c, s_saved, Vprev_saved};
+}
+
+BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at::Tensor& W,
+                        const RoutingOptions& options, const at::Tensor& s_saved, const at::Tensor& Vprev_saved,
+                        int64_t R) {
+  const Sizes sz = sizes_of(x, W, R);
+  const bool full = options.full_backward();
+  const bool want_dbias = options.bias.defined() && options.option_grads;
+  const bool want_dprior = options.logit_prior.defined() && options.option_grads;
+  const auto acc = accumulate_type(x);
+  auto dx = at::empty(x.sizes(), x.options());
+  auto dW = W.defined() ? at::empty(W.sizes(), W.options()) : at::Tensor();
+  auto dprior = want_dprior ? at::empty({sz.I, sz.J}, x.options().dtype(acc)) : at::Tensor();
+  if (sz.B == 0) {
+    return {dx, W.defined() ? dW.zero_() : dW, want_dbias ? at::zeros_like(options.bias) : at::Tensor(),
+            want_dprior ? at::zeros_like(options.logit_prior) : at::Tensor()};
+  }
+  const int64_t JD = sz.JD(), slices = sz.slices();
+  // g_s(r) of every sample and iteration, (B, R, J*D); only g_s(R-1) when not full.
+  auto gs = at::zeros({sz.B, R, JD}, x.options().dtype(acc));
+  const auto grad = grad_v.to(acc).contiguous().view({sz.B, JD});
+  const auto s_c = s_saved.contiguous().view({sz.B, R, JD});
+  const auto Vprev_c = Vprev_saved.contiguous().view({sz.B, R, JD});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_backward_cpu_small_batch", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // The bias is in s(r): the backward's loops do not read it.
+    const bool on = options.logit_prior.defined() || options.leaky || options.detach_inner;
+    with_options_or_not(on, [&](auto kOptions) {
+      Prepared keep;
+      const auto routing = make_routing<scalar_t, acc_t, decltype(kOptions)::value>(x, W, R, options, keep);
+      for_each_slice(sz, [&](int64_t slice) { routing.build(slice); });
+      // Phase 1: g_v(r) = [r = R-1] grad_v + A_suffix; g_s(r) = squash_backward(s(r), g_v(r)).
+      auto A_partial = at::empty({sz.B, slices, JD}, x.options().dtype(acc));
+      auto A = at::empty({sz.B, JD}, x.options().dtype(acc));
+      auto gv = grad.clone();  // g_v(r) of every sample
+      const auto Vprev_splat = splat<acc_t>(Vprev_c.view({sz.B * R, JD}), sz.L);
+      for (int64_t r = R - 1; r >= 0; --r) {
+        for (int64_t b = 0; b < sz.B; ++b)
+          squash_backward_into(s_c.data_ptr<acc_t>() + (b * R + r) * JD, gv.data_ptr<acc_t>() + b * JD, sz.J, sz.D,
+                               gs.data_ptr<acc_t>() + (b * R + r) * JD);
+        if (r == 0 || (kOptions && !full)) break;
+        const auto gs_r = splat<acc_t>(gs.select(1, r), sz.L);
+        const auto Vprev_r = splat<acc_t>(Vprev_c.select(1, r), sz.L);
+        for_each_slice(sz, [&](int64_t slice) {
+          routing.reduce_pass(slice, lanes_of<acc_t>(Vprev_r), lanes_of<acc_t>(gs_r),
+                              A_partial.data_ptr<acc_t>() + slice * JD, slices * JD);
+        });
+        add_partials(A_partial.data_ptr<acc_t>(), sz.B, slices, JD, A.data_ptr<acc_t>());
+        // A_suffix: g_v(r-1) is the sum of A(r') over r' >= r (grad_v reaches the last iteration alone).
+        if (r == R - 1) gv.zero_();
+        gv.add_(A);
+      }
+      const auto gs_splat = splat<acc_t>(gs.view({sz.B * R, JD}), sz.L);
+      for_each_slice(sz, [&](int64_t slice) {
+        routing.input_pass(slice, lanes_of<acc_t>(gs_splat), lanes_of<acc_t>(Vprev_splat), dx.data_ptr<scalar_t>(),
+                           W.defined() ? dW.data_ptr<scalar_t>() : nullptr,
+                           want_dprior ? dprior.data_ptr<acc_t>() : nullptr, full);
+      });
+    });
+  });
+  // dbias = sum of g_s(r) over the batch and the iterations.
+  auto dbias = want_dbias ? gs.sum({0, 1}).view({sz.J, sz.D}).to(options.bias.scalar_type()) : at::Tensor();
+  return {dx, dW, dbias, want_dprior ? dprior.to(options.logit_prior.scalar_type()) : dprior};
+}
+
+}  // namespace capsrouting::cpu::small_batch
