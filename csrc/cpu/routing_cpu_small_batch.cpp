@@ -38,7 +38,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../routing_math.h"
@@ -100,6 +102,58 @@ void predict_row(const acc_t* w, const acc_t* u, int64_t JD, int64_t Kp, acc_t* 
   }
 }
 
+// ---- Din = 8 in float: two input capsules' rows of W fill one 16-float vector ----------------------------
+// A group's 16 capsules are 8 pairs; pair m holds capsules 2m (lanes 0-7) and 2m+1 (lanes 8-15) of the
+// group. For each row jd of W[i] the 8 pair vectors of products are summed over k by a fixed tree of
+// even/odd shuffles (pair_row_sums), which leaves the 16 row sums in lane order: the predictions come
+// out vectorized over the capsules with no scatter. du and dW use the same pairs with g broadcast per
+// half (broadcast_pair): no reduction at all.
+using Floats8 = float __attribute__((vector_size(32)));
+using Floats16 = Lanes<float>;
+
+inline Floats8 load8(const float* p) {
+  Floats8 x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+
+inline void store8(float* p, Floats8 x) { std::memcpy(p, &x, sizeof(x)); }
+
+inline Floats16 join(Floats8 a, Floats8 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+// Lanes 2n and 2n+1 added, from a then b: halves the partial sums per row, keeps the rows in order.
+inline Floats16 add_adjacent(Floats16 a, Floats16 b) {
+  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// p[m]: 8 products per row for rows 2m, 2m+1 -> one vector of the 16 row sums.
+inline Floats16 pair_row_sums(const Floats16* p) {
+  const Floats16 q0 = add_adjacent(p[0], p[1]), q1 = add_adjacent(p[2], p[3]);  // 4 partials per row
+  const Floats16 q2 = add_adjacent(p[4], p[5]), q3 = add_adjacent(p[6], p[7]);
+  return add_adjacent(add_adjacent(q0, q1), add_adjacent(q2, q3));  // 2 partials, then 1
+}
+
+// Lane 2m in lanes 0-7 and lane 2m+1 in lanes 8-15.
+template <int m>
+Floats16 broadcast_pair(Floats16 x) {
+  constexpr int a = 2 * m, b = 2 * m + 1;
+  return __builtin_shufflevector(x, x, a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b);
+}
+
+template <typename F, int... m>
+void for_each_pair_impl(F&& f, std::integer_sequence<int, m...>) {
+  (f(std::integral_constant<int, m>{}), ...);
+}
+
+// f(std::integral_constant<int, m>) for the 8 pairs of a group, unrolled.
+template <typename F>
+void for_each_pair(F&& f) {
+  for_each_pair_impl(f, std::make_integer_sequence<int, 8>{});
+}
+
 // Whether phase 2 adds each iteration's c g_s and g_b V(r-1) to du_hat (DESIGN.md §6): with
 // detach_inner only the last iteration's c g_s reaches u_hat; V(0) = 0 cancels g_b V anyway at r = 0.
 struct Terms {
@@ -123,11 +177,98 @@ struct SmallBatchRouting {
     return nullptr;
   }
 
+  // Whether group g takes the Din = 8 float path: a whole group, float weights with Din = 8 unpadded.
+  bool paired(int64_t g) const {
+    if constexpr (std::is_same_v<scalar_t, float>) return W != nullptr && sz.K == 8 && sz.lanes(g) == sz.L;
+    return false;
+  }
+
+  // Predictions of every sample for a whole group g, Din = 8, float (see pair_row_sums): per row jd the
+  // group's W rows are loaded once for all the samples.
+  void build_paired(int64_t g) const {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const int64_t JD = sz.JD(), i0 = g * sz.L;
+      const float* rows = W + i0 * JD * 8;  // capsule i0 + l's row jd: rows + (l * JD + jd) * 8
+      std::vector<Floats16> U(sz.B * 8);
+      for (int64_t b = 0; b < sz.B; ++b)
+        for (int m = 0; m < 8; ++m)
+          U[b * 8 + m] = join(load8(u + (b * sz.I + i0 + 2 * m) * 8), load8(u + (b * sz.I + i0 + 2 * m + 1) * 8));
+      for (int64_t jd = 0; jd < JD; ++jd) {
+        Floats16 w[8];
+        for (int m = 0; m < 8; ++m)
+          w[m] = join(load8(rows + (2 * m * JD + jd) * 8), load8(rows + ((2 * m + 1) * JD + jd) * 8));
+        for (int64_t b = 0; b < sz.B; ++b) {
+          Floats16 p[8];
+          for (int m = 0; m < 8; ++m) p[m] = w[m] * U[b * 8 + m];
+          predictions_of(b, g)[jd] = pair_row_sums(p);
+        }
+      }
+    }
+  }
+
+  // du and dW of a whole group g for every sample, Din = 8, float; du_hat: (B, J*D) vectors. Per pair and
+  // row jd, W's two rows are loaded once for a block of up to kSampleBlock samples, whose du and u stay
+  // in registers; dW[i] sums the samples in order (block after block), whatever the threads.
+  static constexpr int kSampleBlock = 8;
+
+  void inputs_paired(int64_t g, const Vec* du_hat, scalar_t* dx, scalar_t* dW) const {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      for_each_pair([&](auto pair) {
+        for (int64_t b0 = 0; b0 < sz.B; b0 += kSampleBlock) {
+          switch (std::min<int64_t>(kSampleBlock, sz.B - b0)) {
+            case 1: pair_block<decltype(pair)::value, 1>(g, b0, du_hat, dx, dW); break;
+            case 2: pair_block<decltype(pair)::value, 2>(g, b0, du_hat, dx, dW); break;
+            case 3: pair_block<decltype(pair)::value, 3>(g, b0, du_hat, dx, dW); break;
+            case 4: pair_block<decltype(pair)::value, 4>(g, b0, du_hat, dx, dW); break;
+            case 5: pair_block<decltype(pair)::value, 5>(g, b0, du_hat, dx, dW); break;
+            case 6: pair_block<decltype(pair)::value, 6>(g, b0, du_hat, dx, dW); break;
+            case 7: pair_block<decltype(pair)::value, 7>(g, b0, du_hat, dx, dW); break;
+            default: pair_block<decltype(pair)::value, 8>(g, b0, du_hat, dx, dW); break;
+          }
+        }
+      });
+    }
+  }
+
+  // Pair m of group g, samples b0 .. b0 + kB - 1.
+  template <int m, int kB>
+  void pair_block(int64_t g, int64_t b0, const Vec* du_hat, scalar_t* dx, scalar_t* dW) const {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const int64_t JD = sz.JD(), ia = g * sz.L + 2 * m, ic = ia + 1;  // the pair's two capsules
+      const float *w_a = W + ia * JD * 8, *w_c = W + ic * JD * 8;
+      float *dW_a = dW + ia * JD * 8, *dW_c = dW + ic * JD * 8;
+      Floats16 U[kB], du[kB];
+      for (int q = 0; q < kB; ++q) {
+        U[q] = join(load8(u + ((b0 + q) * sz.I + ia) * 8), load8(u + ((b0 + q) * sz.I + ic) * 8));
+        du[q] = Floats16{};
+      }
+      for (int64_t jd = 0; jd < JD; ++jd) {
+        const Floats16 w = join(load8(w_a + jd * 8), load8(w_c + jd * 8));
+        Floats16 d = b0 == 0 ? Floats16{} : join(load8(dW_a + jd * 8), load8(dW_c + jd * 8));
+        for (int q = 0; q < kB; ++q) {
+          const Floats16 G = broadcast_pair<m>(du_hat[(b0 + q) * JD + jd]);
+          du[q] += w * G;
+          d += G * U[q];
+        }
+        store8(dW_a + jd * 8, __builtin_shufflevector(d, d, 0, 1, 2, 3, 4, 5, 6, 7));
+        store8(dW_c + jd * 8, __builtin_shufflevector(d, d, 8, 9, 10, 11, 12, 13, 14, 15));
+      }
+      for (int q = 0; q < kB; ++q) {
+        store8(dx + ((b0 + q) * sz.I + ia) * 8, __builtin_shufflevector(du[q], du[q], 0, 1, 2, 3, 4, 5, 6, 7));
+        store8(dx + ((b0 + q) * sz.I + ic) * 8, __builtin_shufflevector(du[q], du[q], 8, 9, 10, 11, 12, 13, 14, 15));
+      }
+    }
+  }
+
   // Writes the predictions of every sample for the groups of a slice.
   void build(int64_t slice) const {
     const int64_t JD = sz.JD(), Kp = sz.Kp();
     std::vector<acc_t> row(JD);
     for (int64_t g = sz.group_begin(slice); g < sz.group_end(slice); ++g) {
+      if (paired(g)) {
+        build_paired(g);
+        continue;
+      }
       for (int64_t b = 0; b < sz.B; ++b) std::fill(predictions_of(b, g), predictions_of(b, g) + JD, Vec{});
       for (int64_t l = 0; l < sz.lanes(g); ++l) {
         const int64_t i = g * sz.L + l;
@@ -177,17 +318,20 @@ struct SmallBatchRouting {
   }
 
   // A(r) of a slice (DESIGN.md §3) for every sample: sum_i g_b[i, j] u_hat[i, j], into A_partial[b].
-  void reduce_pass(int64_t slice, const Vec* Vprev_splat, const Vec* gs_splat, acc_t* A_partial,
-                   int64_t A_stride) const {
+  // c(r) and g_b(r) are kept for phase 2 in c_kept and gb_kept ((B, R, groups, J) vectors each).
+  void reduce_pass(int64_t slice, int64_t r, const Vec* Vprev_splat, const Vec* gs_splat, acc_t* A_partial,
+                   int64_t A_stride, Vec* c_kept, Vec* gb_kept) const {
     const int64_t JD = sz.JD(), J = sz.J;
-    std::vector<Vec> A(JD), c(J), gb(J);
+    std::vector<Vec> A(JD);
     for (int64_t b = 0; b < sz.B; ++b) {
       std::fill(A.begin(), A.end(), Vec{});
       for (int64_t g = sz.group_begin(slice); g < sz.group_end(slice); ++g) {
         const Vec* uh = predictions_of(b, g);
-        couplings(uh, Vprev_splat + b * JD, J, sz.D, prior_of(g), opt.leaky, c.data());
-        coupling_gradients(uh, gs_splat + b * JD, J, sz.D, c.data(), gb.data());
-        add_scaled_rows(gb.data(), uh, J, sz.D, A.data());
+        Vec* c = c_kept + ((b * sz.R + r) * sz.groups() + g) * J;
+        Vec* gb = gb_kept + ((b * sz.R + r) * sz.groups() + g) * J;
+        couplings(uh, Vprev_splat + b * JD, J, sz.D, prior_of(g), opt.leaky, c);
+        coupling_gradients(uh, gs_splat + b * JD, J, sz.D, c, gb);
+        add_scaled_rows(gb, uh, J, sz.D, A.data());
       }
       for (int64_t jd = 0; jd < JD; ++jd) A_partial[b * A_stride + jd] = lanes_sum(A[jd]);
     }
@@ -195,23 +339,26 @@ struct SmallBatchRouting {
 
   // Phase 2 of a slice: dx (du or du_hat) of its input capsules for every sample, dW[i] and
   // dprior[i] (unless null). gs_splat and Vprev_splat: (B, R, J*D) vectors. Not full: r = R-1 alone.
-  void input_pass(int64_t slice, const Vec* gs_splat, const Vec* Vprev_splat, scalar_t* dx, scalar_t* dW,
-                  acc_t* dprior, bool full) const {
+  // c_kept, gb_kept: c(r) and g_b(r) of phase 1 for r >= 1 ((B, R, groups, J) vectors each), or null.
+  void input_pass(int64_t slice, const Vec* gs_splat, const Vec* Vprev_splat, const Vec* c_kept, const Vec* gb_kept,
+                  scalar_t* dx, scalar_t* dW, acc_t* dprior, bool full) const {
     const int64_t JD = sz.JD(), J = sz.J, D = sz.D, R = sz.R, K = sz.K, Kp = sz.Kp(), L = sz.L;
     if constexpr (!kOptions) {  // compile-time: the plain op's loops
       dprior = nullptr;
       full = true;
     }
-    std::vector<Vec> du_hat(JD), c(J), gb(J), dprior_lanes(J);
+    std::vector<Vec> du_hat_all(sz.B * JD), c(J), gb(J), dprior_lanes(J);
     std::vector<acc_t> dW_group(W != nullptr ? L * JD * Kp : 0), du(Kp);
     const acc_t uniform = acc_t(1) / acc_t(J);
     for (int64_t g = sz.group_begin(slice); g < sz.group_end(slice); ++g) {
       const int64_t lanes = sz.lanes(g);
-      std::fill(dW_group.begin(), dW_group.end(), acc_t(0));
+      const bool pairs = paired(g);  // dW accumulates in place, in dW itself
+      if (!pairs) std::fill(dW_group.begin(), dW_group.end(), acc_t(0));
       std::fill(dprior_lanes.begin(), dprior_lanes.end(), Vec{});
       for (int64_t b = 0; b < sz.B; ++b) {
         const Vec* uh = predictions_of(b, g);
-        std::fill(du_hat.begin(), du_hat.end(), Vec{});
+        Vec* du_hat = du_hat_all.data() + b * JD;
+        std::fill(du_hat, du_hat + JD, Vec{});
         for (int64_t r = full ? 0 : R - 1; r < R; ++r) {
           const Vec* gs = gs_splat + (b * R + r) * JD;
           const Vec* Vp = Vprev_splat + (b * R + r) * JD;
@@ -222,14 +369,23 @@ struct SmallBatchRouting {
             continue;
           }
           if (!take.c && !take.gb && dprior == nullptr) continue;
+          if (r > 0 && c_kept != nullptr) {  // phase 1 computed them
+            const int64_t at = ((b * R + r) * sz.groups() + g) * J;
+            if (take.c) add_scaled_rows(c_kept + at, gs, J, D, du_hat);
+            if (take.gb) add_scaled_rows(gb_kept + at, Vp, J, D, du_hat);
+            if (dprior != nullptr)
+              for (int64_t j = 0; j < J; ++j) dprior_lanes[j] += gb_kept[at + j];
+            continue;
+          }
           couplings(uh, Vp, J, D, prior_of(g), opt.leaky, c.data());
-          if (take.c) add_scaled_rows(c.data(), gs, J, D, du_hat.data());
+          if (take.c) add_scaled_rows(c.data(), gs, J, D, du_hat);
           if (!take.gb && dprior == nullptr) continue;
           coupling_gradients(uh, gs, J, D, c.data(), gb.data());
-          if (take.gb) add_scaled_rows(gb.data(), Vp, J, D, du_hat.data());
+          if (take.gb) add_scaled_rows(gb.data(), Vp, J, D, du_hat);
           if (dprior != nullptr)  // lanes past I have zero predictions, so g_b = 0 there
             for (int64_t j = 0; j < J; ++j) dprior_lanes[j] += gb[j];
         }
+        if (pairs) continue;  // after every sample's du_hat
         for (int64_t l = 0; l < lanes; ++l) {
           const int64_t i = g * L + l;
           if (W == nullptr) {  // route: du_hat is the answer
@@ -252,11 +408,12 @@ struct SmallBatchRouting {
           for (int64_t k = 0; k < K; ++k) dx[(b * sz.I + i) * K + k] = static_cast<scalar_t>(du[k]);
         }
       }
+      if (pairs) inputs_paired(g, du_hat_all.data(), dx, dW);
       for (int64_t l = 0; l < lanes; ++l) {
         const int64_t i = g * L + l;
         if (dprior != nullptr)
           for (int64_t j = 0; j < J; ++j) dprior[i * J + j] = dprior_lanes[j][l];
-        if (W != nullptr)
+        if (W != nullptr && !pairs)
           for (int64_t jd = 0; jd < JD; ++jd)
             for (int64_t k = 0; k < K; ++k)
               dW[(i * JD + jd) * K + k] = static_cast<scalar_t>(dW_group[(l * JD + jd) * Kp + k]);
@@ -468,6 +625,8 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
       auto A_partial = at::empty({sz.B, slices, JD}, x.options().dtype(acc));
       auto A = at::empty({sz.B, JD}, x.options().dtype(acc));
       auto gv = grad.clone();  // g_v(r) of every sample
+      // c(r) and g_b(r), r >= 1, from phase 1's passes for phase 2: (B, R, groups, J) vectors each.
+      auto kept = at::empty({2, sz.B, R, sz.groups(), sz.J, sz.L}, x.options().dtype(acc));
       const auto Vprev_splat = splat<acc_t>(Vprev_c.view({sz.B * R, JD}), sz.L);
       for (int64_t r = R - 1; r >= 0; --r) {
         for (int64_t b = 0; b < sz.B; ++b)
@@ -477,8 +636,9 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
         const auto gs_r = splat<acc_t>(gs.select(1, r), sz.L);
         const auto Vprev_r = splat<acc_t>(Vprev_c.select(1, r), sz.L);
         for_each_slice(sz, [&](int64_t slice) {
-          routing.reduce_pass(slice, lanes_of<acc_t>(Vprev_r), lanes_of<acc_t>(gs_r),
-                              A_partial.data_ptr<acc_t>() + slice * JD, slices * JD);
+          routing.reduce_pass(slice, r, lanes_of<acc_t>(Vprev_r), lanes_of<acc_t>(gs_r),
+                              A_partial.data_ptr<acc_t>() + slice * JD, slices * JD, lanes_of<acc_t>(kept[0]),
+                              lanes_of<acc_t>(kept[1]));
         });
         add_partials(A_partial.data_ptr<acc_t>(), sz.B, slices, JD, A.data_ptr<acc_t>());
         // A_suffix: g_v(r-1) is the sum of A(r') over r' >= r (grad_v reaches the last iteration alone).
@@ -487,7 +647,8 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
       }
       const auto gs_splat = splat<acc_t>(gs.view({sz.B * R, JD}), sz.L);
       for_each_slice(sz, [&](int64_t slice) {
-        routing.input_pass(slice, lanes_of<acc_t>(gs_splat), lanes_of<acc_t>(Vprev_splat), dx.data_ptr<scalar_t>(),
+        routing.input_pass(slice, lanes_of<acc_t>(gs_splat), lanes_of<acc_t>(Vprev_splat),
+                           full && R > 1 ? lanes_of<acc_t>(kept[0]) : nullptr, lanes_of<acc_t>(kept[1]), dx.data_ptr<scalar_t>(),
                            W.defined() ? dW.data_ptr<scalar_t>() : nullptr,
                            want_dprior ? dprior.data_ptr<acc_t>() : nullptr, full);
       });
