@@ -411,16 +411,18 @@ void with_options_or_not(bool on, Body&& body) {
     body(std::false_type{});
 }
 
-// The kernels that run a call. Below kSmallBatchMax samples the batch kernels would leave most
-// lanes of their one chunk idle, on one thread; the small-batch kernels vectorize over the input
-// capsules and split them over the threads instead. The threshold is measured: bench/cpu_paths.py
-// times both kernels over the batch sizes (CAPSROUTING_CPU_PATH forces one of them, for that
-// and for tests).
-constexpr int64_t kSmallBatchMax = 8;
-
+// The kernels that run a call. A chunk of the batch kernels holds kLanes samples and runs on one thread:
+// below a few chunks per thread most lanes idle, or threads do. The small-batch kernels vectorize
+// over the input capsules and share them among the threads, and cost in proportion to B. Measured
+// (bench/cpu_speedup.py --paths, paper layer, float32, 2026-11-26): the small-batch kernels are the
+// faster for forward and forward+backward up to B = 22 with 2 threads and B = 12 with 1, and the
+// batch kernels beyond (at B = 32 they are 2x faster: the small-batch kernels' predictions,
+// 737 KB a sample, no longer fit the caches). Hence B <= 8 per thread, and never above 16, where
+// nothing was measured. CAPSROUTING_CPU_PATH forces one or the other (benchmarks, tests).
 bool use_small_batch_kernels(int64_t B) {
   const char* forced = std::getenv("CAPSROUTING_CPU_PATH");
-  if (forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0) return B <= kSmallBatchMax;
+  if (forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0)
+    return B <= std::min<int64_t>(8 * at::get_num_threads(), 16);
   if (std::strcmp(forced, "small-batch") == 0) return true;
   if (std::strcmp(forced, "batch") == 0) return false;
   TORCH_CHECK(false, "CAPSROUTING_CPU_PATH must be 'auto', 'small-batch' or 'batch', got '", forced, "'");

@@ -10,9 +10,10 @@
 // kSliceGroups at a time (a "slice"). Every parallel loop runs over slices, each slice handling
 // every sample. The predictions of every sample are built once per call into
 // u_hat[b][group][jd][lane], in the accumulation type (B*I*J*Dout numbers: 737 KB a sample at
-// the paper's layer; they stay in L2/L3 for the later passes). A row u_hat[b, i] = W[i] u[b, i]
-// is J*Dout dot products of length Din, written for a compile-time padded Din (4, 8, 12, 16) so
-// that the compiler vectorizes across rows; W[i] is read once per call for all the samples.
+// the paper's layer; they stay in L2/L3 for the later passes). With Din = 8 in float (the paper's)
+// whole groups take the paired path below; otherwise a row u_hat[b, i] = W[i] u[b, i] is J*Dout dot
+// products of length Din, written for a compile-time padded Din (4, 8, 12, 16), and scattered into
+// the lanes. W[i] is read once per call for all the samples.
 //
 // Forward: one parallel pass over the slices per iteration. Per group and sample: the logits
 // against V(r-1) (the same for every lane), the softmax over j, and s summed per lane; at the end
@@ -20,16 +21,18 @@
 // passes one thread adds the partials in slice order, then the bias, and squashes.
 //
 // Backward: the predictions are built again. Phase 1 (g_s of every iteration): per r = R-1..1 a
-// parallel pass that reduces A(r) into partials per (sample, slice), added in slice order.
-// Phase 2, parallel over slices: per group, for each sample in order, du_hat (vertical over the
-// lanes), du from W[i], and dW[i] and d logit_prior[i] summed over the samples in order.
+// parallel pass that reduces A(r) into partials per (sample, slice), added in slice order, and keeps
+// c(r) and g_b(r) (B*R*I*J numbers each). Phase 2, parallel over slices: per group, du_hat of every
+// sample (vertical over the lanes), then du from W[i], and dW[i] and d logit_prior[i] summed over the
+// samples in order.
 //
 // Determinism: the slicing, not the threads, fixes every order of summation (partials in slice
 // order, dW[i] and dprior[i] each owned by one slice), so results have the same bits whatever
 // the number of threads.
 //
-// Registers: one vector per accumulator (a row dot, a logit, a coupling); a group's predictions
-// (J*Dout vectors) and its dW accumulator (L*J*Dout*Din numbers) stay in L1/L2.
+// Registers: one vector per accumulator (a logit, a coupling, a row of s or A); in the paired path
+// also a row's 8 transposed W vectors, or per pair the u and du of up to 8 samples. A group's
+// predictions (J*Dout vectors a sample) and du_hat stay in L1/L2.
 #include "routing_cpu_small_batch.h"
 
 #include <ATen/ATen.h>
@@ -104,10 +107,10 @@ void predict_row(const acc_t* w, const acc_t* u, int64_t JD, int64_t Kp, acc_t* 
 
 // ---- Din = 8 in float: two input capsules' rows of W fill one 16-float vector ----------------------------
 // A group's 16 capsules are 8 pairs; pair m holds capsules 2m (lanes 0-7) and 2m+1 (lanes 8-15) of the
-// group. For each row jd of W[i] the 8 pair vectors of products are summed over k by a fixed tree of
-// even/odd shuffles (pair_row_sums), which leaves the 16 row sums in lane order: the predictions come
-// out vectorized over the capsules with no scatter. du and dW use the same pairs with g broadcast per
-// half (broadcast_pair): no reduction at all.
+// group. The predictions transpose each row jd's pairs into one vector per k over the 16 capsules
+// (transpose_pairs, 24 shuffles, shared by all the samples) and take 8 multiply-adds per sample: they
+// come out vectorized over the capsules with no scatter. du and dW use the pairs as they are, with
+// du_hat broadcast per half (broadcast_pair): no reduction across lanes at all.
 using Floats8 = float __attribute__((vector_size(32)));
 using Floats16 = Lanes<float>;
 
@@ -123,17 +126,17 @@ inline Floats16 join(Floats8 a, Floats8 b) {
   return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }
 
-// Lanes 2n and 2n+1 added, from a then b: halves the partial sums per row, keeps the rows in order.
-inline Floats16 add_adjacent(Floats16 a, Floats16 b) {
-  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-
-// p[m]: 8 products per row for rows 2m, 2m+1 -> one vector of the 16 row sums.
-inline Floats16 pair_row_sums(const Floats16* p) {
-  const Floats16 q0 = add_adjacent(p[0], p[1]), q1 = add_adjacent(p[2], p[3]);  // 4 partials per row
-  const Floats16 q2 = add_adjacent(p[4], p[5]), q3 = add_adjacent(p[6], p[7]);
-  return add_adjacent(add_adjacent(q0, q1), add_adjacent(q2, q3));  // 2 partials, then 1
+// A 16 x 8 block held as 8 pairs of rows (x[m] = rows 2m, 2m+1) -> its 8 columns (x[k][l] = row l, column
+// k). Three unzips of the 128-number sequence (evens, then odds), 8 two-vector shuffles each.
+inline void transpose_pairs(Floats16* x) {
+  for (int stage = 0; stage < 3; ++stage) {
+    Floats16 y[8];
+    for (int h = 0; h < 4; ++h) {
+      y[h] = __builtin_shufflevector(x[2 * h], x[2 * h + 1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+      y[h + 4] = __builtin_shufflevector(x[2 * h], x[2 * h + 1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    }
+    for (int h = 0; h < 8; ++h) x[h] = y[h];
+  }
 }
 
 // Lane 2m in lanes 0-7 and lane 2m+1 in lanes 8-15.
@@ -183,24 +186,30 @@ struct SmallBatchRouting {
     return false;
   }
 
-  // Predictions of every sample for a whole group g, Din = 8, float (see pair_row_sums): per row jd the
-  // group's W rows are loaded once for all the samples.
+  // Predictions of every sample for a whole group g, Din = 8, float: per row jd the group's W rows are
+  // loaded once and transposed (transpose_pairs) into one vector per k over the 16 capsules; each
+  // sample's predictions are then 8 multiply-adds with its u, transposed the same way once per group.
   void build_paired(int64_t g) const {
     if constexpr (std::is_same_v<scalar_t, float>) {
       const int64_t JD = sz.JD(), i0 = g * sz.L;
       const float* rows = W + i0 * JD * 8;  // capsule i0 + l's row jd: rows + (l * JD + jd) * 8
-      std::vector<Floats16> U(sz.B * 8);
-      for (int64_t b = 0; b < sz.B; ++b)
+      std::vector<Floats16> u_columns(sz.B * 8);  // u[b, i0 + l, k] at [b * 8 + k][l]
+      for (int64_t b = 0; b < sz.B; ++b) {
+        Floats16* U = u_columns.data() + b * 8;
         for (int m = 0; m < 8; ++m)
-          U[b * 8 + m] = join(load8(u + (b * sz.I + i0 + 2 * m) * 8), load8(u + (b * sz.I + i0 + 2 * m + 1) * 8));
+          U[m] = join(load8(u + (b * sz.I + i0 + 2 * m) * 8), load8(u + (b * sz.I + i0 + 2 * m + 1) * 8));
+        transpose_pairs(U);
+      }
       for (int64_t jd = 0; jd < JD; ++jd) {
         Floats16 w[8];
         for (int m = 0; m < 8; ++m)
           w[m] = join(load8(rows + (2 * m * JD + jd) * 8), load8(rows + ((2 * m + 1) * JD + jd) * 8));
+        transpose_pairs(w);
         for (int64_t b = 0; b < sz.B; ++b) {
-          Floats16 p[8];
-          for (int m = 0; m < 8; ++m) p[m] = w[m] * U[b * 8 + m];
-          predictions_of(b, g)[jd] = pair_row_sums(p);
+          const Floats16* U = u_columns.data() + b * 8;
+          Floats16 acc = w[0] * U[0];
+          for (int k = 1; k < 8; ++k) acc += w[k] * U[k];
+          predictions_of(b, g)[jd] = acc;
         }
       }
     }
