@@ -629,7 +629,6 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
     with_options_or_not(on, [&](auto kOptions) {
       Prepared keep;
       const auto routing = make_routing<scalar_t, acc_t, decltype(kOptions)::value>(x, W, R, options, keep);
-      for_each_slice(sz, [&](int64_t slice) { routing.build(slice); });
       // Phase 1: g_v(r) = [r = R-1] grad_v + A_suffix; g_s(r) = squash_backward(s(r), g_v(r)).
       auto A_partial = at::empty({sz.B, slices, JD}, x.options().dtype(acc));
       auto A = at::empty({sz.B, JD}, x.options().dtype(acc));
@@ -645,6 +644,7 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
         const auto gs_r = splat<acc_t>(gs.select(1, r), sz.L);
         const auto Vprev_r = splat<acc_t>(Vprev_c.select(1, r), sz.L);
         for_each_slice(sz, [&](int64_t slice) {
+          if (r == R - 1) routing.build(slice);  // while the slice's predictions are at hand
           routing.reduce_pass(slice, r, lanes_of<acc_t>(Vprev_r), lanes_of<acc_t>(gs_r),
                               A_partial.data_ptr<acc_t>() + slice * JD, slices * JD, lanes_of<acc_t>(kept[0]),
                               lanes_of<acc_t>(kept[1]));
@@ -654,6 +654,7 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
         if (r == R - 1) gv.zero_();
         gv.add_(A);
       }
+      if (R == 1 || !full) for_each_slice(sz, [&](int64_t slice) { routing.build(slice); });  // no pass built them
       const auto gs_splat = splat<acc_t>(gs.view({sz.B * R, JD}), sz.L);
       for_each_slice(sz, [&](int64_t slice) {
         routing.input_pass(slice, lanes_of<acc_t>(gs_splat), lanes_of<acc_t>(Vprev_splat),
