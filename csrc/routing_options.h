@@ -1,9 +1,11 @@
-// The routing options of DESIGN.md §6 as the kernels receive them, and what the ops return.
+// The routing options of DESIGN.md §6 as the kernels receive them, what the ops return, and what
+// every backend's launchers share around their kernels.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 
 #include <tuple>
+#include <type_traits>
 
 namespace capsrouting {
 
@@ -23,5 +25,39 @@ struct RoutingOptions {
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // (dx, dW or undefined (route), dbias or undefined, dprior or undefined).
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The accumulation type of an input: double for double, float for float and the half types.
+inline at::ScalarType accumulate_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A forward's results, allocated for input x with I input and J x D output capsules: v, the couplings
+// when asked for, and s(r), V(r-1) of every iteration in the accumulation type.
+inline ForwardResult allocate_forward_result(const at::Tensor& x, int64_t I, int64_t J, int64_t D, int64_t R,
+                                             bool return_couplings) {
+  const int64_t B = x.size(0);
+  auto s_saved = at::empty({B, R, J, D}, x.options().dtype(accumulate_type(x)));
+  return {at::empty({B, J, D}, x.options()), return_couplings ? at::empty({B, I, J}, x.options()) : at::Tensor(),
+          s_saved, at::empty_like(s_saved)};
+}
+
+// A backward's results for an empty batch, where no kernel runs to write them: zeros.
+inline BackwardResult empty_batch_gradients(const at::Tensor& x, const at::Tensor& W, const RoutingOptions& options) {
+  const bool want_dbias = options.bias.defined() && options.option_grads;
+  const bool want_dprior = options.logit_prior.defined() && options.option_grads;
+  return {at::zeros_like(x), W.defined() ? at::zeros_like(W) : at::Tensor(),
+          want_dbias ? at::zeros_like(options.bias) : at::Tensor(),
+          want_dprior ? at::zeros_like(options.logit_prior) : at::Tensor()};
+}
+
+// Runs body(std::true_type) when an option is on, else body(std::false_type): the plain op's loops are
+// compiled apart, without the options.
+template <typename Body>
+void with_options_or_not(bool on, Body&& body) {
+  if (on)
+    body(std::true_type{});
+  else
+    body(std::false_type{});
+}
 
 }  // namespace capsrouting

@@ -341,8 +341,6 @@ Lanes<acc_t>* lanes_of(const at::Tensor& t) {
   return reinterpret_cast<Lanes<acc_t>*>(t.data_ptr<acc_t>());
 }
 
-at::ScalarType accumulate_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 // Input capsules u (B, I, Din) as (chunks, I, Kp, L) in the accumulation type, zero-padded.
 at::Tensor lane_minor(const at::Tensor& u, const Sizes& sz) {
   auto padded = at::zeros({sz.chunks() * sz.L, sz.I, sz.Kp()}, u.options().dtype(accumulate_type(u)));
@@ -401,16 +399,6 @@ Routing<scalar_t, acc_t, kOptions> make_routing(const at::Tensor& x, const at::T
   return routing;
 }
 
-// Runs body(std::true_type) when an option is on, else body(std::false_type): the plain op's loops are
-// compiled apart, without the options.
-template <typename Body>
-void with_options_or_not(bool on, Body&& body) {
-  if (on)
-    body(std::true_type{});
-  else
-    body(std::false_type{});
-}
-
 // The kernels that run a call. A chunk of the batch kernels holds kLanes samples and runs on one thread:
 // below a few chunks per thread most lanes idle, or threads do. The small-batch kernels vectorize
 // over the input capsules and share them among the threads, and cost in proportion to B. Measured
@@ -434,11 +422,8 @@ ForwardResult forward(const at::Tensor& x, const at::Tensor& W_in, const Routing
   if (use_small_batch_kernels(x.size(0))) return small_batch::forward(x, W_in, options, R);
   const at::Tensor* W = W_in.defined() ? &W_in : nullptr;
   const Sizes sz = sizes_of(x, W, R);
-  const auto acc = accumulate_type(x);
-  auto v = at::empty({sz.B, sz.J, sz.D}, x.options());
-  auto c = options.return_couplings ? at::empty({sz.B, sz.I, sz.J}, x.options()) : at::Tensor();
-  auto s_saved = at::empty({sz.B, R, sz.J, sz.D}, x.options().dtype(acc));
-  auto Vprev_saved = at::empty_like(s_saved);
+  at::Tensor v, c, s_saved, Vprev_saved;
+  std::tie(v, c, s_saved, Vprev_saved) = allocate_forward_result(x, sz.I, sz.J, sz.D, R, options.return_couplings);
   if (sz.B == 0) return {v, c, s_saved, Vprev_saved};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -471,10 +456,7 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
   auto dW = W != nullptr ? at::empty(W->sizes(), W->options()) : at::Tensor();
   const auto acc = accumulate_type(x);
   auto dprior = want_dprior ? at::empty({sz.I, sz.J}, x.options().dtype(acc)) : at::Tensor();
-  if (sz.B == 0) {
-    return {dx, W != nullptr ? dW.zero_() : dW, want_dbias ? at::zeros_like(options.bias) : at::Tensor(),
-            want_dprior ? at::zeros_like(options.logit_prior) : at::Tensor()};
-  }
+  if (sz.B == 0) return empty_batch_gradients(x, W_in, options);
   auto gs_lanes = at::empty({sz.chunks(), R, sz.JD(), sz.L}, x.options().dtype(acc));
   auto Vprev_lanes = at::zeros_like(gs_lanes);
   const auto grad = grad_v.contiguous();

@@ -431,8 +431,6 @@ struct SmallBatchRouting {
   }
 };
 
-at::ScalarType accumulate_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 Sizes sizes_of(const at::Tensor& x, const at::Tensor& W, int64_t R) {
   const int64_t L = 64 / int64_t(c10::elementSize(accumulate_type(x)));
   if (W.defined()) return {x.size(0), W.size(0), W.size(1), W.size(2), W.size(3), R, L};
@@ -501,14 +499,6 @@ SmallBatchRouting<scalar_t, acc_t, kOptions> make_routing(const at::Tensor& x, c
   return routing;
 }
 
-template <typename Body>
-void with_options_or_not(bool on, Body&& body) {
-  if (on)
-    body(std::true_type{});
-  else
-    body(std::false_type{});
-}
-
 // Over the slices, one or more per task: the order of summation is the slices', not the threads'.
 template <typename Body>
 void for_each_slice(const Sizes& sz, Body&& body) {
@@ -558,10 +548,8 @@ void add_partials(const acc_t* partial, int64_t B, int64_t slices, int64_t JD, a
 ForwardResult forward(const at::Tensor& x, const at::Tensor& W, const RoutingOptions& options, int64_t R) {
   const Sizes sz = sizes_of(x, W, R);
   const auto acc = accumulate_type(x);
-  auto v = at::empty({sz.B, sz.J, sz.D}, x.options());
-  auto c = options.return_couplings ? at::empty({sz.B, sz.I, sz.J}, x.options()) : at::Tensor();
-  auto s_saved = at::empty({sz.B, R, sz.J, sz.D}, x.options().dtype(acc));
-  auto Vprev_saved = at::empty_like(s_saved);
+  at::Tensor v, c, s_saved, Vprev_saved;
+  std::tie(v, c, s_saved, Vprev_saved) = allocate_forward_result(x, sz.I, sz.J, sz.D, R, options.return_couplings);
   if (sz.B == 0) return {v, c, s_saved, Vprev_saved};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_forward_cpu_small_batch", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -612,10 +600,7 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
   auto dx = at::empty(x.sizes(), x.options());
   auto dW = W.defined() ? at::empty(W.sizes(), W.options()) : at::Tensor();
   auto dprior = want_dprior ? at::empty({sz.I, sz.J}, x.options().dtype(acc)) : at::Tensor();
-  if (sz.B == 0) {
-    return {dx, W.defined() ? dW.zero_() : dW, want_dbias ? at::zeros_like(options.bias) : at::Tensor(),
-            want_dprior ? at::zeros_like(options.logit_prior) : at::Tensor()};
-  }
+  if (sz.B == 0) return empty_batch_gradients(x, W, options);
   const int64_t JD = sz.JD(), slices = sz.slices();
   // g_s(r) of every sample and iteration, (B, R, J*D); only g_s(R-1) when not full.
   auto gs = at::zeros({sz.B, R, JD}, x.options().dtype(acc));

@@ -13,8 +13,6 @@
 namespace capsrouting::cuda {
 namespace {
 
-at::ScalarType accumulate_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 Sizes sizes_of(const at::Tensor& x, const at::Tensor* W, int64_t R) {
   if (W != nullptr) return {x.size(0), W->size(0), W->size(1), W->size(2), W->size(3), R};
   return {x.size(0), x.size(1), x.size(2), x.size(3), 0, R};
@@ -63,10 +61,8 @@ ForwardResult forward(const at::Tensor& x_in, const at::Tensor* W_in, const Rout
   const auto x = x_in.contiguous();
   const auto W = W_in != nullptr ? W_in->contiguous() : at::Tensor();
   const auto acc = accumulate_type(x);
-  auto v = at::empty({sz.B, sz.J, sz.D}, x.options());
-  auto c = options.return_couplings ? at::empty({sz.B, sz.I, sz.J}, x.options()) : at::Tensor();
-  auto s_saved = at::empty({sz.B, R, sz.J, sz.D}, x.options().dtype(acc));
-  auto Vprev_saved = at::empty_like(s_saved);
+  at::Tensor v, c, s_saved, Vprev_saved;
+  std::tie(v, c, s_saved, Vprev_saved) = allocate_forward_result(x, sz.I, sz.J, sz.D, R, options.return_couplings);
   if (sz.B == 0) return {v, c, s_saved, Vprev_saved};
   const OptionTensors option_tensors(options, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_forward_cuda", [&] {
@@ -95,10 +91,7 @@ BackwardResult backward(const at::Tensor& grad_v_in, const at::Tensor& x_in, con
   auto dx = at::empty(x.sizes(), x.options());
   auto dW = W.defined() ? at::empty(W.sizes(), W.options()) : at::Tensor();
   auto dprior = want_dprior ? at::empty({sz.I, sz.J}, x.options().dtype(acc)) : at::Tensor();
-  if (sz.B == 0) {
-    return {dx, W.defined() ? dW.zero_() : dW, want_dbias ? at::zeros_like(options.bias) : at::Tensor(),
-            want_dprior ? at::zeros_like(options.logit_prior) : at::Tensor()};
-  }
+  if (sz.B == 0) return empty_batch_gradients(x, W, options);
   auto gs_saved = at::empty_like(s_saved);
   const OptionTensors option_tensors(options, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_backward_cuda", [&] {
