@@ -50,6 +50,7 @@
 #include <vector>
 
 #include "../routing_math.h"
+#include "problem.h"
 #include "routing_cpu_small_batch.h"
 #include "simd.h"
 
@@ -70,15 +71,12 @@ constexpr int64_t kLanes = simd::kLanes<acc_t>;
 // Chunks that share one read of W[i] in a pass; their state (2 tiles each) stays in L2.
 constexpr int64_t kGroup = 4;
 
-// Columns of Din handled together in the backward: one accumulator register each.
-constexpr int64_t kBlockK = 4;
+// Columns of Din handled together in the backward: one accumulator register each. Din is padded
+// to whole blocks of them (problem.h): the padded columns of W and u are zero.
+constexpr int64_t kBlockK = kPadK;
 
-struct Sizes {
-  int64_t B, I, J, D, K, R;  // K = 0: predictions given (route)
-  int64_t L;                  // lanes per chunk: kLanes of the accumulation type
-  int64_t JD() const { return J * D; }
-  // Din padded to whole blocks of kBlockK: the padded columns of W and u are zero.
-  int64_t Kp() const { return (K + kBlockK - 1) / kBlockK * kBlockK; }
+// L lanes per chunk.
+struct Sizes : ProblemSizes {
   int64_t chunks() const { return (B + L - 1) / L; }
   int64_t lanes(int64_t chunk) const { return std::min(L, B - chunk * L); }
 };
@@ -358,9 +356,7 @@ at::Tensor padded_weights(const at::Tensor& W, const Sizes& sz) {
 }
 
 Sizes sizes_of(const at::Tensor& x, const at::Tensor* W, int64_t R) {
-  const int64_t L = 64 / int64_t(c10::elementSize(accumulate_type(x)));
-  if (W != nullptr) return {x.size(0), W->size(0), W->size(1), W->size(2), W->size(3), R, L};
-  return {x.size(0), x.size(1), x.size(2), x.size(3), 0, R, L};
+  return {problem_sizes(x, W != nullptr ? *W : at::Tensor(), R)};
 }
 
 // Tensors whose pointers a Routing<> reads; kept alive for the duration of a call.

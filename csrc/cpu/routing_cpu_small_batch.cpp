@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "../routing_math.h"
+#include "problem.h"
 #include "simd.h"
 
 namespace capsrouting::cpu::small_batch {
@@ -63,15 +64,8 @@ using simd::OptionValues;
 // 64 float capsules (18 slices at the paper's I = 1152).
 constexpr int64_t kSliceGroups = 4;
 
-// Din is padded to a multiple of this (zeros in u and W): a row's dot product then has a length
-// the compiler knows for the common Din.
-constexpr int64_t kPadK = 4;
-
-struct Sizes {
-  int64_t B, I, J, D, K, R;  // K = 0: predictions given (route)
-  int64_t L;                  // lanes per group: kLanes of the accumulation type
-  int64_t JD() const { return J * D; }
-  int64_t Kp() const { return (K + kPadK - 1) / kPadK * kPadK; }
+// L lanes per group, kSliceGroups groups per slice.
+struct Sizes : ProblemSizes {
   int64_t groups() const { return (I + L - 1) / L; }
   int64_t slices() const { return (groups() + kSliceGroups - 1) / kSliceGroups; }
   int64_t group_begin(int64_t slice) const { return slice * kSliceGroups; }
@@ -431,11 +425,7 @@ struct SmallBatchRouting {
   }
 };
 
-Sizes sizes_of(const at::Tensor& x, const at::Tensor& W, int64_t R) {
-  const int64_t L = 64 / int64_t(c10::elementSize(accumulate_type(x)));
-  if (W.defined()) return {x.size(0), W.size(0), W.size(1), W.size(2), W.size(3), R, L};
-  return {x.size(0), x.size(1), x.size(2), x.size(3), 0, R, L};
-}
+Sizes sizes_of(const at::Tensor& x, const at::Tensor& W, int64_t R) { return {problem_sizes(x, W, R)}; }
 
 // The last dimension of t zero-padded to Kp, in the accumulation type (t itself when it already is).
 at::Tensor padded_last_dim(const at::Tensor& t, int64_t Kp, at::ScalarType acc) {

@@ -1,0 +1,30 @@
+// The sizes of one call of the CPU kernels, as both of their paths read them.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "../routing_options.h"
+
+namespace capsrouting::cpu {
+
+// Din is padded to a multiple of this (zeros in u and W): whole blocks of columns in the batch
+// kernels' backward, a length the compiler knows for the common Din in the small-batch kernels.
+constexpr int64_t kPadK = 4;
+
+struct ProblemSizes {
+  int64_t B, I, J, D, K, R;  // K = 0: predictions given (route)
+  int64_t L;                  // numbers per vector of the accumulation type: 16 floats or 8 doubles
+  int64_t JD() const { return J * D; }
+  int64_t Kp() const { return (K + kPadK - 1) / kPadK * kPadK; }
+};
+
+// x is u (B, I, Din) with W (I, J, Dout, Din), or u_hat (B, I, J, Dout) with W undefined (route).
+inline ProblemSizes problem_sizes(const at::Tensor& x, const at::Tensor& W, int64_t R) {
+  const int64_t L = 64 / int64_t(c10::elementSize(accumulate_type(x)));
+  if (W.defined()) return {x.size(0), W.size(0), W.size(1), W.size(2), W.size(3), R, L};
+  return {x.size(0), x.size(1), x.size(2), x.size(3), 0, R, L};
+}
+
+}  // namespace capsrouting::cpu
