@@ -152,6 +152,18 @@ def test_cpu_small_batch_kernels_match_reference(B, dtype, shape, monkeypatch):
 
 
 @pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="cpu backend unavailable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("option_set", ["none", "bias+prior+leaky", "detach_inner"])
+def test_cpu_small_batch_kernels_with_options_and_half_types(dtype, option_set, monkeypatch):
+    """Din = 8: float32 takes the paired-rows path for two whole groups of 16 capsules (I = 37 leaves a
+    partial one); the half types take the generic path. Values and every gradient, the options' included."""
+    monkeypatch.setenv("CAPSROUTING_CPU_PATH", "small-batch")
+    B, I, Din, J, Dout, R = 5, 37, 8, 10, 16, 3
+    options = routing_option_values(I, J, Dout, OPTION_SETS[option_set]) if option_set != "none" else None
+    assert_matches_reference("cpu", B, I, Din, J, Dout, R, dtype=dtype, device="cpu", options=options)
+
+
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="cpu backend unavailable")
 @pytest.mark.parametrize("B", [1, 3])
 def test_cpu_batch_kernels_still_match_reference_at_small_batches(B, monkeypatch):
     monkeypatch.setenv("CAPSROUTING_CPU_PATH", "batch")
