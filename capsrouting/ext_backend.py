@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 
 from . import _extension
-from ._autograd import (fake_forward, fake_option_grads, op_options, op_result, register_backward_op_autograd,
-                        register_routing_autograd)
+from ._autograd import (call_forward_op, fake_forward, fake_option_grads, op_options, op_result,
+                        register_backward_op_autograd, register_routing_autograd)
 from ._validation import check_capsule_routing_args, check_route_args, check_routing_options
 from .backends import Backend, accumulation_dtype, register
 
@@ -82,12 +82,14 @@ def _probe_cuda() -> Optional[str]:
 # Inputs are made contiguous here, once: the op then saves the contiguous tensors for its
 # backward, instead of each kernel copying a strided input again.
 def capsule_routing(u: torch.Tensor, W: torch.Tensor, num_iterations: int, options=None):
-    out = torch.ops.capsrouting.capsule_routing_ext(u.contiguous(), W.contiguous(), *op_options(options), num_iterations)
+    out = call_forward_op(torch.ops.capsrouting.capsule_routing_ext, u.contiguous(), W.contiguous(), *op_options(options),
+                          num_iterations)
     return op_result(out, options)
 
 
 def route(u_hat: torch.Tensor, num_iterations: int, options=None):
-    return op_result(torch.ops.capsrouting.route_ext(u_hat.contiguous(), *op_options(options), num_iterations), options)
+    out = call_forward_op(torch.ops.capsrouting.route_ext, u_hat.contiguous(), *op_options(options), num_iterations)
+    return op_result(out, options)
 
 
 def _cuda_shape_reason(x: torch.Tensor, W: Optional[torch.Tensor]) -> Optional[str]:

@@ -55,8 +55,10 @@ class RoutingOptions:
 
     def active(self) -> Tuple[str, ...]:
         """Names of the options that are on."""
-        return tuple(f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None
-                     and getattr(self, f.name) is not False)
+        return tuple(name for name in _OPTION_NAMES if getattr(self, name) is not None and getattr(self, name) is not False)
+
+
+_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(RoutingOptions))
 
 
 _OPTIONS_DOC = """
@@ -87,9 +89,10 @@ def _run(backend: str, entry: str, x: torch.Tensor, W, num_iterations: int, opti
     inner = 2 if W is not None else 3  # (I, Din) or (I, J, D)
     lead = x.shape[:-inner]
     flat = x.reshape(-1, *x.shape[-inner:])
-    chosen = backends.resolve(backend, flat, W, options.active())
+    active = options.active()
+    chosen = backends.resolve(backend, flat, W, active)
     args = (flat, W, num_iterations) if W is not None else (flat, num_iterations)
-    if options.active():
+    if active:
         args = args + (options,)
     with _no_autocast(x) if autocasting else contextlib.nullcontext():
         out = getattr(chosen, entry)(*args)

@@ -14,8 +14,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._autograd import (fake_forward, fake_option_grads, op_options, op_result, register_backward_op_autograd,
-                        register_routing_autograd)
+from ._autograd import (call_forward_op, fake_forward, fake_option_grads, op_options, op_result,
+                        register_backward_op_autograd, register_routing_autograd)
 from ._validation import check_capsule_routing_args, check_route_args, check_routing_options
 from .backends import Backend, accumulation_dtype, register
 from .reference import SQUASH_EPS, squash
@@ -601,11 +601,12 @@ register_backward_op_autograd(route_backward_op, "capsrouting::route_triton_back
 # ---- backend entry points ----------------------------------------------------------------------
 
 def capsule_routing(u: torch.Tensor, W: torch.Tensor, num_iterations: int, options=None):
-    return op_result(capsule_routing_op(u.contiguous(), W.contiguous(), *op_options(options), num_iterations), options)
+    out = call_forward_op(capsule_routing_op, u.contiguous(), W.contiguous(), *op_options(options), num_iterations)
+    return op_result(out, options)
 
 
 def route(u_hat: torch.Tensor, num_iterations: int, options=None):
-    return op_result(route_op(u_hat.contiguous(), *op_options(options), num_iterations), options)
+    return op_result(call_forward_op(route_op, u_hat.contiguous(), *op_options(options), num_iterations), options)
 
 
 def _shape_reason(x: torch.Tensor, W: Optional[torch.Tensor]) -> Optional[str]:
