@@ -437,10 +437,13 @@ at::Tensor padded_last_dim(const at::Tensor& t, int64_t Kp, at::ScalarType acc) 
   return padded;
 }
 
-// Each number of a (rows, n) tensor as a whole vector: (rows, n, L), every lane equal.
+// Each of n numbers as a whole vector, every lane equal (plain loops: a handful of ATen calls would
+// cost more than the pass that reads them at B = 1).
 template <typename acc_t>
-at::Tensor splat(const at::Tensor& t, int64_t L) {
-  return t.to(c10::CppTypeToScalarType<acc_t>::value).unsqueeze(-1).expand({-1, -1, L}).contiguous();
+std::vector<Lanes<acc_t>> splat(const acc_t* x, int64_t n) {
+  std::vector<Lanes<acc_t>> vectors(n);
+  for (int64_t e = 0; e < n; ++e) vectors[e] = Lanes<acc_t>{} + x[e];
+  return vectors;
 }
 
 template <typename acc_t>
@@ -548,26 +551,24 @@ ForwardResult forward(const at::Tensor& x, const at::Tensor& W, const RoutingOpt
       Prepared keep;
       const auto routing = make_routing<scalar_t, acc_t, decltype(kOptions)::value>(x, W, R, options, keep);
       const int64_t JD = sz.JD(), slices = sz.slices();
-      auto s_partial = at::empty({sz.B, slices, JD}, x.options().dtype(acc));
-      auto s = at::empty({sz.B, JD}, x.options().dtype(acc));
-      auto V = at::zeros({sz.B, JD}, x.options().dtype(acc));
-      std::vector<acc_t> v_r(JD);
+      std::vector<acc_t> s_partial(sz.B * slices * JD), s(sz.B * JD), V(sz.B * JD, acc_t(0)), v_r(JD);
+      acc_t* const s_saved_data = s_saved.data_ptr<acc_t>();
+      acc_t* const Vprev_saved_data = Vprev_saved.data_ptr<acc_t>();
       for (int64_t r = 0; r < R; ++r) {
-        const auto V_splat = splat<acc_t>(V, sz.L);
+        const auto V_splat = splat(V.data(), sz.B * JD);
         scalar_t* c_out = c.defined() && r == R - 1 ? c.data_ptr<scalar_t>() : nullptr;
         for_each_slice(sz, [&](int64_t slice) {
           if (r == 0) routing.build(slice);
-          routing.forward_pass(slice, r, lanes_of<acc_t>(V_splat), s_partial.data_ptr<acc_t>() + slice * JD,
-                               slices * JD, c_out);
+          routing.forward_pass(slice, r, V_splat.data(), s_partial.data() + slice * JD, slices * JD, c_out);
         });
-        add_partials(s_partial.data_ptr<acc_t>(), sz.B, slices, JD, s.data_ptr<acc_t>());
+        add_partials(s_partial.data(), sz.B, slices, JD, s.data());
         for (int64_t b = 0; b < sz.B; ++b) {
-          acc_t* s_b = s.data_ptr<acc_t>() + b * JD;
-          acc_t* V_b = V.data_ptr<acc_t>() + b * JD;
+          acc_t* s_b = s.data() + b * JD;
+          acc_t* V_b = V.data() + b * JD;
           if (routing.opt.bias != nullptr)  // DESIGN.md §6: s(r) is saved with the bias in it
             for (int64_t jd = 0; jd < JD; ++jd) s_b[jd] += routing.opt.bias[jd];
-          std::copy(s_b, s_b + JD, s_saved.data_ptr<acc_t>() + (b * R + r) * JD);
-          std::copy(V_b, V_b + JD, Vprev_saved.data_ptr<acc_t>() + (b * R + r) * JD);
+          std::copy(s_b, s_b + JD, s_saved_data + (b * R + r) * JD);
+          std::copy(V_b, V_b + JD, Vprev_saved_data + (b * R + r) * JD);
           squash_into(s_b, sz.J, sz.D, v_r.data());
           for (int64_t jd = 0; jd < JD; ++jd) V_b[jd] += v_r[jd];
           if (r == R - 1)
@@ -594,9 +595,9 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
   const int64_t JD = sz.JD(), slices = sz.slices();
   // g_s(r) of every sample and iteration, (B, R, J*D); only g_s(R-1) when not full.
   auto gs = at::zeros({sz.B, R, JD}, x.options().dtype(acc));
-  const auto grad = grad_v.to(acc).contiguous().view({sz.B, JD});
-  const auto s_c = s_saved.contiguous().view({sz.B, R, JD});
-  const auto Vprev_c = Vprev_saved.contiguous().view({sz.B, R, JD});
+  const auto grad = grad_v.to(acc).contiguous();
+  const auto s_c = s_saved.contiguous();
+  const auto Vprev_c = Vprev_saved.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_backward_cpu_small_batch", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // The bias is in s(r): the backward's loops do not read it.
@@ -605,34 +606,37 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
       Prepared keep;
       const auto routing = make_routing<scalar_t, acc_t, decltype(kOptions)::value>(x, W, R, options, keep);
       // Phase 1: g_v(r) = [r = R-1] grad_v + A_suffix; g_s(r) = squash_backward(s(r), g_v(r)).
-      auto A_partial = at::empty({sz.B, slices, JD}, x.options().dtype(acc));
-      auto A = at::empty({sz.B, JD}, x.options().dtype(acc));
-      auto gv = grad.clone();  // g_v(r) of every sample
+      const acc_t* const s_data = s_c.data_ptr<acc_t>();
+      const acc_t* const Vprev_data = Vprev_c.data_ptr<acc_t>();
+      acc_t* const gs_data = gs.data_ptr<acc_t>();
+      std::vector<acc_t> A_partial(sz.B * slices * JD), A(sz.B * JD), V_r(sz.B * JD), gs_r(sz.B * JD);
+      std::vector<acc_t> gv(grad.data_ptr<acc_t>(), grad.data_ptr<acc_t>() + sz.B * JD);  // g_v(r) of every sample
       // c(r) and g_b(r), r >= 1, from phase 1's passes for phase 2: (B, R, groups, J) vectors each.
       auto kept = at::empty({2, sz.B, R, sz.groups(), sz.J, sz.L}, x.options().dtype(acc));
-      const auto Vprev_splat = splat<acc_t>(Vprev_c.view({sz.B * R, JD}), sz.L);
+      const auto Vprev_splat = splat(Vprev_data, sz.B * R * JD);
       for (int64_t r = R - 1; r >= 0; --r) {
         for (int64_t b = 0; b < sz.B; ++b)
-          squash_backward_into(s_c.data_ptr<acc_t>() + (b * R + r) * JD, gv.data_ptr<acc_t>() + b * JD, sz.J, sz.D,
-                               gs.data_ptr<acc_t>() + (b * R + r) * JD);
+          squash_backward_into(s_data + (b * R + r) * JD, gv.data() + b * JD, sz.J, sz.D, gs_data + (b * R + r) * JD);
         if (r == 0 || (kOptions && !full)) break;
-        const auto gs_r = splat<acc_t>(gs.select(1, r), sz.L);
-        const auto Vprev_r = splat<acc_t>(Vprev_c.select(1, r), sz.L);
+        for (int64_t b = 0; b < sz.B; ++b) {  // g_s(r) and V(r-1) of every sample, (B, J*D)
+          std::copy_n(gs_data + (b * R + r) * JD, JD, gs_r.data() + b * JD);
+          std::copy_n(Vprev_data + (b * R + r) * JD, JD, V_r.data() + b * JD);
+        }
+        const auto gs_r_splat = splat(gs_r.data(), sz.B * JD), V_r_splat = splat(V_r.data(), sz.B * JD);
         for_each_slice(sz, [&](int64_t slice) {
           if (r == R - 1) routing.build(slice);  // while the slice's predictions are at hand
-          routing.reduce_pass(slice, r, lanes_of<acc_t>(Vprev_r), lanes_of<acc_t>(gs_r),
-                              A_partial.data_ptr<acc_t>() + slice * JD, slices * JD, lanes_of<acc_t>(kept[0]),
-                              lanes_of<acc_t>(kept[1]));
+          routing.reduce_pass(slice, r, V_r_splat.data(), gs_r_splat.data(), A_partial.data() + slice * JD,
+                              slices * JD, lanes_of<acc_t>(kept[0]), lanes_of<acc_t>(kept[1]));
         });
-        add_partials(A_partial.data_ptr<acc_t>(), sz.B, slices, JD, A.data_ptr<acc_t>());
+        add_partials(A_partial.data(), sz.B, slices, JD, A.data());
         // A_suffix: g_v(r-1) is the sum of A(r') over r' >= r (grad_v reaches the last iteration alone).
-        if (r == R - 1) gv.zero_();
-        gv.add_(A);
+        if (r == R - 1) std::fill(gv.begin(), gv.end(), acc_t(0));
+        for (int64_t e = 0; e < sz.B * JD; ++e) gv[e] += A[e];
       }
       if (R == 1 || !full) for_each_slice(sz, [&](int64_t slice) { routing.build(slice); });  // no pass built them
-      const auto gs_splat = splat<acc_t>(gs.view({sz.B * R, JD}), sz.L);
+      const auto gs_splat = splat(static_cast<const acc_t*>(gs_data), sz.B * R * JD);
       for_each_slice(sz, [&](int64_t slice) {
-        routing.input_pass(slice, lanes_of<acc_t>(gs_splat), lanes_of<acc_t>(Vprev_splat),
+        routing.input_pass(slice, gs_splat.data(), Vprev_splat.data(),
                            full && R > 1 ? lanes_of<acc_t>(kept[0]) : nullptr, lanes_of<acc_t>(kept[1]), dx.data_ptr<scalar_t>(),
                            W.defined() ? dW.data_ptr<scalar_t>() : nullptr,
                            want_dprior ? dprior.data_ptr<acc_t>() : nullptr, full);
