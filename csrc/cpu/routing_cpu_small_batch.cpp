@@ -342,6 +342,36 @@ struct SmallBatchRouting {
 
   // Phase 2 of a slice: dx (du or du_hat) of its input capsules for every sample, dW[i] and
   // dprior[i] (unless null). gs_splat and Vprev_splat: (B, R, J*D) vectors. Not full: r = R-1 alone.
+  // du_hat of sample b in group g from phase 1's c(r), g_b(r) (r >= 1) without a prior gradient: the same
+  // terms, in the same order, as the general loop of input_pass, each row summed in a register and
+  // stored once. c: room for r = 0's couplings (1/J, or from the prior and the leak alone: V(0) = 0).
+  void kept_terms(int64_t g, int64_t b, const Vec* uh, const Vec* gs_splat, const Vec* Vprev_splat, const Vec* c_kept,
+                  const Vec* gb_kept, Vec* c, Vec* du_hat) const {
+    const int64_t JD = sz.JD(), J = sz.J, D = sz.D, R = sz.R;
+    const bool take_c0 = !opt.detach_inner;  // R > 1 here: r = 0 is not the last iteration
+    if (take_c0) {
+      if (opt.uniform_start())
+        std::fill(c, c + J, Vec{} + acc_t(1) / acc_t(J));
+      else
+        couplings(uh, Vprev_splat + b * R * JD, J, D, prior_of(g), opt.leaky, c);
+    }
+    const Vec* gs_b = gs_splat + b * R * JD;
+    const Vec* Vp_b = Vprev_splat + b * R * JD;
+    const Vec* c_b = c_kept + b * R * sz.groups() * J + g * J;  // + r * groups * J: iteration r
+    const Vec* gb_b = gb_kept + b * R * sz.groups() * J + g * J;
+    for (int64_t j = 0; j < J; ++j)
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t jd = j * D + d;
+        Vec sum = take_c0 ? c[j] * gs_b[jd] : Vec{};
+        for (int64_t r = 1; r < R; ++r) {
+          const int64_t at = r * sz.groups() * J + j;
+          if (r == R - 1 || !opt.detach_inner) sum += c_b[at] * gs_b[r * JD + jd];
+          if (!opt.detach_inner) sum += gb_b[at] * Vp_b[r * JD + jd];
+        }
+        du_hat[jd] = sum;
+      }
+  }
+
   // c_kept, gb_kept: c(r) and g_b(r) of phase 1 for r >= 1 ((B, R, groups, J) vectors each), or null.
   void input_pass(int64_t slice, const Vec* gs_splat, const Vec* Vprev_splat, const Vec* c_kept, const Vec* gb_kept,
                   scalar_t* dx, scalar_t* dW, acc_t* dprior, bool full) const {
@@ -361,6 +391,10 @@ struct SmallBatchRouting {
       for (int64_t b = 0; b < sz.B; ++b) {
         const Vec* uh = predictions_of(b, g);
         Vec* du_hat = du_hat_all.data() + b * JD;
+        if (c_kept != nullptr && dprior == nullptr) {  // the common case, every term summed in registers
+          kept_terms(g, b, uh, gs_splat, Vprev_splat, c_kept, gb_kept, c.data(), du_hat);
+          if (pairs) continue;
+        } else {
         std::fill(du_hat, du_hat + JD, Vec{});
         for (int64_t r = full ? 0 : R - 1; r < R; ++r) {
           const Vec* gs = gs_splat + (b * R + r) * JD;
@@ -387,6 +421,7 @@ struct SmallBatchRouting {
           if (take.gb) add_scaled_rows(gb.data(), Vp, J, D, du_hat);
           if (dprior != nullptr)  // lanes past I have zero predictions, so g_b = 0 there
             for (int64_t j = 0; j < J; ++j) dprior_lanes[j] += gb[j];
+        }
         }
         if (pairs) continue;  // after every sample's du_hat
         for (int64_t l = 0; l < lanes; ++l) {
