@@ -19,6 +19,13 @@ struct RoutingOptions {
 
   // Whether the backward needs g_s(r) and g_b(r) of every iteration (phase 1 of DESIGN.md §3).
   bool full_backward() const { return !detach_inner || (option_grads && (bias.defined() || logit_prior.defined())); }
+  // Whether the backward returns dbias / dprior.
+  bool wants_dbias() const { return bias.defined() && option_grads; }
+  bool wants_dprior() const { return logit_prior.defined() && option_grads; }
+  // Whether a kernel needs its instantiation with the options: the forward for any of them, the
+  // backward for those its loops read (the bias is in s(r), which the backward is given).
+  bool forward_reads_options() const { return bias.defined() || logit_prior.defined() || leaky || return_couplings; }
+  bool backward_reads_options() const { return logit_prior.defined() || leaky || detach_inner; }
 };
 
 // (v (B, J, Dout), couplings (B, I, J) or undefined, s_saved (B, R, J, Dout), Vprev_saved (B, R, J, Dout)).
@@ -43,11 +50,9 @@ inline ForwardResult allocate_forward_result(const at::Tensor& x, int64_t I, int
 
 // A backward's results for an empty batch, where no kernel runs to write them: zeros.
 inline BackwardResult empty_batch_gradients(const at::Tensor& x, const at::Tensor& W, const RoutingOptions& options) {
-  const bool want_dbias = options.bias.defined() && options.option_grads;
-  const bool want_dprior = options.logit_prior.defined() && options.option_grads;
   return {at::zeros_like(x), W.defined() ? at::zeros_like(W) : at::Tensor(),
-          want_dbias ? at::zeros_like(options.bias) : at::Tensor(),
-          want_dprior ? at::zeros_like(options.logit_prior) : at::Tensor()};
+          options.wants_dbias() ? at::zeros_like(options.bias) : at::Tensor(),
+          options.wants_dprior() ? at::zeros_like(options.logit_prior) : at::Tensor()};
 }
 
 // Runs body(std::true_type) when an option is on, else body(std::false_type): the plain op's loops are

@@ -27,4 +27,15 @@ inline ProblemSizes problem_sizes(const at::Tensor& x, const at::Tensor& W, int6
   return {x.size(0), x.size(1), x.size(2), x.size(3), 0, R, L};
 }
 
+// The last dimension of t (Din) zero-padded to Kp, in the accumulation type acc (t itself when it
+// already is: no copy for float32 or float64 with Din a multiple of kPadK).
+inline at::Tensor padded_last_dim(const at::Tensor& t, int64_t Kp, at::ScalarType acc) {
+  if (t.size(-1) == Kp && t.scalar_type() == acc) return t.contiguous();
+  auto sizes = t.sizes().vec();
+  sizes.back() = Kp;
+  auto padded = at::zeros(sizes, t.options().dtype(acc));
+  padded.narrow(-1, 0, t.size(-1)).copy_(t);
+  return padded;
+}
+
 }  // namespace capsrouting::cpu

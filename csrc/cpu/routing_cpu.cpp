@@ -346,15 +346,6 @@ at::Tensor lane_minor(const at::Tensor& u, const Sizes& sz) {
   return padded.view({sz.chunks(), sz.L, sz.I, sz.Kp()}).permute({0, 2, 3, 1}).contiguous();
 }
 
-// W (I, J, Dout, Din) as (I, J, Dout, Kp) in the accumulation type, zero-padded (W itself
-// when it already is: no copy for float32 or float64 weights with Din a multiple of kBlockK).
-at::Tensor padded_weights(const at::Tensor& W, const Sizes& sz) {
-  if (sz.K == sz.Kp() && W.scalar_type() == accumulate_type(W)) return W.contiguous();
-  auto padded = at::zeros({sz.I, sz.J, sz.D, sz.Kp()}, W.options().dtype(accumulate_type(W)));
-  padded.narrow(3, 0, sz.K).copy_(W);
-  return padded;
-}
-
 Sizes sizes_of(const at::Tensor& x, const at::Tensor* W, int64_t R) {
   return {problem_sizes(x, W != nullptr ? *W : at::Tensor(), R)};
 }
@@ -372,7 +363,7 @@ Routing<scalar_t, acc_t, kOptions> make_routing(const at::Tensor& x, const at::T
   routing.pred.sz = routing.sz;
   keep.x = x.contiguous();
   if (W != nullptr) {
-    keep.W = padded_weights(*W, routing.sz);
+    keep.W = padded_last_dim(*W, routing.sz.Kp(), accumulate_type(*W));
     keep.u_lanes = lane_minor(keep.x, routing.sz);
     routing.pred.W = keep.W.data_ptr<acc_t>();
     routing.pred.u_lanes = reinterpret_cast<const Lanes<acc_t>*>(keep.u_lanes.data_ptr<acc_t>());
@@ -423,8 +414,7 @@ ForwardResult forward(const at::Tensor& x, const at::Tensor& W_in, const Routing
   if (sz.B == 0) return {v, c, s_saved, Vprev_saved};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const bool on = options.bias.defined() || options.logit_prior.defined() || options.leaky || c.defined();
-    with_options_or_not(on, [&](auto kOptions) {
+    with_options_or_not(options.forward_reads_options(), [&](auto kOptions) {
       Prepared keep;
       const auto routing = make_routing<scalar_t, acc_t, decltype(kOptions)::value>(x, W, R, options, keep);
       scalar_t* c_out = c.defined() ? c.data_ptr<scalar_t>() : nullptr;
@@ -445,8 +435,8 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
   const at::Tensor* W = W_in.defined() ? &W_in : nullptr;
   const Sizes sz = sizes_of(x, W, R);
   const bool full = options.full_backward();
-  const bool want_dbias = options.bias.defined() && options.option_grads;
-  const bool want_dprior = options.logit_prior.defined() && options.option_grads;
+  const bool want_dbias = options.wants_dbias();
+  const bool want_dprior = options.wants_dprior();
   // Phase 2 writes every element of dx, dW and dprior; only an empty batch leaves them to be zeroed.
   auto dx = at::empty(x.sizes(), x.options());
   auto dW = W != nullptr ? at::empty(W->sizes(), W->options()) : at::Tensor();
@@ -460,9 +450,7 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
   const auto Vprev_c = Vprev_saved.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // The bias is in s(r): the backward's loops do not read it.
-    const bool on = options.logit_prior.defined() || options.leaky || options.detach_inner;
-    with_options_or_not(on, [&](auto kOptions) {
+    with_options_or_not(options.backward_reads_options(), [&](auto kOptions) {
       Prepared keep;
       const auto routing = make_routing<scalar_t, acc_t, decltype(kOptions)::value>(x, W, R, options, keep);
       at::parallel_for(0, sz.chunks(), 1, [&](int64_t begin, int64_t end) {

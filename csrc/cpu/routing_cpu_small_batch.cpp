@@ -462,16 +462,6 @@ struct SmallBatchRouting {
 
 Sizes sizes_of(const at::Tensor& x, const at::Tensor& W, int64_t R) { return {problem_sizes(x, W, R)}; }
 
-// The last dimension of t zero-padded to Kp, in the accumulation type (t itself when it already is).
-at::Tensor padded_last_dim(const at::Tensor& t, int64_t Kp, at::ScalarType acc) {
-  if (t.size(-1) == Kp && t.scalar_type() == acc) return t.contiguous();
-  auto sizes = t.sizes().vec();
-  sizes.back() = Kp;
-  auto padded = at::zeros(sizes, t.options().dtype(acc));
-  padded.narrow(-1, 0, t.size(-1)).copy_(t);
-  return padded;
-}
-
 // Each of n numbers as a whole vector, every lane equal (plain loops: a handful of ATen calls would
 // cost more than the pass that reads them at B = 1).
 template <typename acc_t>
@@ -575,14 +565,12 @@ void add_partials(const acc_t* partial, int64_t B, int64_t slices, int64_t JD, a
 
 ForwardResult forward(const at::Tensor& x, const at::Tensor& W, const RoutingOptions& options, int64_t R) {
   const Sizes sz = sizes_of(x, W, R);
-  const auto acc = accumulate_type(x);
   at::Tensor v, c, s_saved, Vprev_saved;
   std::tie(v, c, s_saved, Vprev_saved) = allocate_forward_result(x, sz.I, sz.J, sz.D, R, options.return_couplings);
   if (sz.B == 0) return {v, c, s_saved, Vprev_saved};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_forward_cpu_small_batch", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const bool on = options.bias.defined() || options.logit_prior.defined() || options.leaky || c.defined();
-    with_options_or_not(on, [&](auto kOptions) {
+    with_options_or_not(options.forward_reads_options(), [&](auto kOptions) {
       Prepared keep;
       const auto routing = make_routing<scalar_t, acc_t, decltype(kOptions)::value>(x, W, R, options, keep);
       const int64_t JD = sz.JD(), slices = sz.slices();
@@ -620,8 +608,8 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
                         int64_t R) {
   const Sizes sz = sizes_of(x, W, R);
   const bool full = options.full_backward();
-  const bool want_dbias = options.bias.defined() && options.option_grads;
-  const bool want_dprior = options.logit_prior.defined() && options.option_grads;
+  const bool want_dbias = options.wants_dbias();
+  const bool want_dprior = options.wants_dprior();
   const auto acc = accumulate_type(x);
   auto dx = at::empty(x.sizes(), x.options());
   auto dW = W.defined() ? at::empty(W.sizes(), W.options()) : at::Tensor();
@@ -635,9 +623,7 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
   const auto Vprev_c = Vprev_saved.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_backward_cpu_small_batch", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // The bias is in s(r): the backward's loops do not read it.
-    const bool on = options.logit_prior.defined() || options.leaky || options.detach_inner;
-    with_options_or_not(on, [&](auto kOptions) {
+    with_options_or_not(options.backward_reads_options(), [&](auto kOptions) {
       Prepared keep;
       const auto routing = make_routing<scalar_t, acc_t, decltype(kOptions)::value>(x, W, R, options, keep);
       // Phase 1: g_v(r) = [r = R-1] grad_v + A_suffix; g_s(r) = squash_backward(s(r), g_v(r)).

@@ -84,8 +84,8 @@ BackwardResult backward(const at::Tensor& grad_v_in, const at::Tensor& x_in, con
   const auto x = x_in.contiguous();
   const auto W = W_in != nullptr ? W_in->contiguous() : at::Tensor();
   const auto grad_v = grad_v_in.contiguous(), s_saved = s_in.contiguous(), Vprev_saved = Vprev_in.contiguous();
-  const bool want_dbias = options.bias.defined() && options.option_grads;
-  const bool want_dprior = options.logit_prior.defined() && options.option_grads;
+  const bool want_dbias = options.wants_dbias();
+  const bool want_dprior = options.wants_dprior();
   const auto acc = accumulate_type(x);
   // backward_inputs writes every element of dx, dW and dprior; only an empty batch leaves them to be zeroed.
   auto dx = at::empty(x.sizes(), x.options());
