@@ -13,17 +13,17 @@ DESIGN.md §6:
   where there is no such input or ``option_grads`` is false (neither needs a gradient: with
   ``detach_inner`` the backward is then one pass, §6).
 
-``forward_op`` is the op itself or its qualified name ("capsrouting::..."), ``backward_op``
-a callable. This module connects them, so the backward of every backend is itself an op
-that ``torch.compile`` traces without a graph break.
+``FusedRouting(forward_op, backward_op, has_weights)`` connects them (``forward_op`` the op
+itself, ``backward_op`` a callable), so the backward of every backend is itself an op that
+``torch.compile`` traces without a graph break; the backend calls the ``FusedRouting``.
 
 Double backward (``create_graph=True``, as gradient penalties use): the fused backward op
 has no derivative of its own, so when a graph of the gradient is being built the gradient
 is computed instead by differentiating the reference (plain PyTorch autograd, the same
 values up to rounding), whose graph then carries the second derivatives exactly. The
 first-order path, eager or compiled, always runs the fused backward. (``torch.compile``
-itself does not support double backward; ``torch.func.grad`` builds a graph of the
-gradient, so it takes the reference path.)
+itself does not support double backward. Inside ``torch.func`` transforms the public
+functions run backend "torch" instead: see ``backends.resolve``.)
 """
 import torch
 
@@ -51,30 +51,69 @@ def reference_gradients(inputs, grad_v: torch.Tensor, num_iterations: int, has_w
     return (*grads[: len(inputs)], by_name.get("bias"), by_name.get("logit_prior"))
 
 
-def register_routing_autograd(forward_op, backward_op, has_weights: bool) -> None:
-    n_inputs = 2 if has_weights else 1
+class FusedRouting:
+    """A fused backend's forward op and backward op, connected for autograd; call it as the forward op.
 
-    def setup_context(ctx, inputs, output):
+    Two routes to the same backward (``_backward``): the forward op's own autograd registration
+    (``torch.library.register_autograd``), which ``torch.compile`` traces and a direct call of the op
+    uses, and, in eager mode, ``_EagerRouting``, a ``torch.autograd.Function`` over the op called
+    below the autograd layer: the same formula without PyTorch's Python wrapper of a custom op's
+    autograd (about 60 us a forward+backward, a tenth of a one-sample forward+backward on CPU).
+    """
+
+    def __init__(self, forward_op, backward_op, has_weights: bool):
+        self.forward_op = forward_op
+        self.backward_op = backward_op
+        self.n_inputs = 2 if has_weights else 1
+        torch.library.register_autograd(
+            forward_op, lambda ctx, grad_v, *_: (*self._backward(ctx, grad_v, first=0), None, None, None, None),
+            setup_context=lambda ctx, inputs, output: self._setup_context(ctx, inputs, output))
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return self.forward_op(*args)
+        if not torch.is_grad_enabled():  # inference: autograd would record nothing anyway
+            with torch._C._AutoDispatchBelowAutograd():
+                return self.forward_op(*args)
+        return _EagerRouting.apply(self, *args)
+
+    def _setup_context(self, ctx, inputs, output):
         v, c, s_saved, Vprev_saved = output
         ctx.num_iterations = inputs[-1]
-        bias, logit_prior, ctx.leaky, ctx.detach_inner, _ = inputs[n_inputs:-1]
-        ctx.save_for_backward(*inputs[:n_inputs], bias, logit_prior, s_saved, Vprev_saved)
+        bias, logit_prior, ctx.leaky, ctx.detach_inner, _ = inputs[self.n_inputs:-1]
+        ctx.save_for_backward(*inputs[: self.n_inputs], bias, logit_prior, s_saved, Vprev_saved)
         ctx.mark_non_differentiable(c, s_saved, Vprev_saved)
 
-    def backward(ctx, grad_v, *_unused):
+    def _backward(self, ctx, grad_v, first: int):
+        """(dx, [dW,] dbias, dprior); ``first``: the index of x among the inputs ``ctx`` saw."""
         *inputs, bias, logit_prior, s_saved, Vprev_saved = ctx.saved_tensors
         R = ctx.num_iterations
         if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
-            grads = reference_gradients(inputs, grad_v, R, has_weights, bias, logit_prior, ctx.leaky, ctx.detach_inner)
-        else:
-            option_grads = any(ctx.needs_input_grad[n_inputs:n_inputs + 2])
-            grads = backward_op(grad_v.contiguous(), *inputs, bias, logit_prior, ctx.leaky, ctx.detach_inner,
-                                option_grads, s_saved, Vprev_saved, R)
-            # Empty dbias / dprior: no such input, or no gradient wanted.
-            grads = [g if g.numel() or i < n_inputs else None for i, g in enumerate(grads)]
-        return (*grads, None, None, None, None)
+            return reference_gradients(inputs, grad_v, R, self.n_inputs == 2, bias, logit_prior, ctx.leaky,
+                                       ctx.detach_inner)
+        option_grads = any(ctx.needs_input_grad[first + self.n_inputs:first + self.n_inputs + 2])
+        grads = self.backward_op(grad_v.contiguous(), *inputs, bias, logit_prior, ctx.leaky, ctx.detach_inner,
+                                 option_grads, s_saved, Vprev_saved, R)
+        # Empty dbias / dprior: no such input, or no gradient wanted.
+        return [g if g.numel() or i < self.n_inputs else None for i, g in enumerate(grads)]
 
-    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+class _EagerRouting(torch.autograd.Function):
+    """``FusedRouting``'s eager autograd: the forward op below the autograd layer, ``_backward`` after."""
+
+    @staticmethod
+    def forward(fused, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return fused.forward_op(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.fused = inputs[0]
+        ctx.fused._setup_context(ctx, inputs[1:], output)
+
+    @staticmethod
+    def backward(ctx, grad_v, *_unused):
+        return None, *ctx.fused._backward(ctx, grad_v, first=1), None, None, None, None
 
 
 def register_backward_op_autograd(backward_op, qualified_name: str) -> None:
@@ -119,16 +158,6 @@ def op_options(options) -> tuple:
     contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
     return (contiguous(options.bias), contiguous(options.logit_prior), options.leaky, options.detach_inner,
             options.return_couplings)
-
-
-def call_forward_op(op, *args):
-    """``op(*args)``; in eager mode without gradients (inference) straight to the op's kernel, below
-    the autograd layer, which records nothing there anyway: that skips PyTorch's Python wrapper of a
-    custom op's autograd formula (about 25 us a call, a tenth of a one-sample forward on CPU)."""
-    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
-    return op(*args)
 
 
 def op_result(out, options):

@@ -103,12 +103,17 @@ def _describe_choices() -> str:
 _announced: set = set()
 
 
-def _announce_once(key, message: str, warn: bool) -> None:
+def _in_functorch_transform() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, ...) is running; never under torch.compile."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None
+
+
+def _announce_once(key, message: str, warn: bool, stacklevel: int = 6) -> None:
     if key in _announced:
         return
     _announced.add(key)
-    if warn:
-        warnings.warn(message, RuntimeWarning, stacklevel=6)  # the caller of capsule_routing or route
+    if warn:  # stacklevel: the caller of capsule_routing or route, from choose_automatically
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
     else:
         logger.info(message)
 
@@ -150,6 +155,12 @@ def resolve(backend: str, x: torch.Tensor, W: Optional[torch.Tensor] = None, opt
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string such as 'auto' or 'torch', got {backend!r}")
     device = x.device
+    if backend != "torch" and _in_functorch_transform():
+        # The fused ops have no functorch rules; the reference is plain PyTorch and composes with them.
+        _announce_once(("functorch", backend), f"capsrouting: inside a torch.func transform, backend '{backend}' "
+                       "runs as 'torch' (the reference: the fused kernels have no functorch rules)", warn=backend != "auto",
+                       stacklevel=5)
+        return _REGISTRY["torch"]
     if backend == "auto":
         return choose_automatically(device.type, x, W, options)
     reason = unavailable_reason(backend)

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 
 from . import _extension
-from ._autograd import (call_forward_op, fake_forward, fake_option_grads, op_options, op_result,
-                        register_backward_op_autograd, register_routing_autograd)
+from ._autograd import (FusedRouting, fake_forward, fake_option_grads, op_options, op_result,
+                        register_backward_op_autograd)
 from ._validation import check_capsule_routing_args, check_route_args, check_routing_options
 from .backends import Backend, accumulation_dtype, register
 
@@ -57,11 +57,15 @@ def _ops_ready() -> Optional[str]:
         lambda grad_v, u_hat, bias, prior, leaky, detach, option_grads, s, V, n: (
             torch.empty_like(u_hat), *fake_option_grads(u_hat, bias, prior, option_grads))
     )
-    register_routing_autograd("capsrouting::capsule_routing_ext", ops.capsule_routing_ext_backward, has_weights=True)
-    register_routing_autograd("capsrouting::route_ext", ops.route_ext_backward, has_weights=False)
+    _fused["capsule_routing"] = FusedRouting(ops.capsule_routing_ext.default, ops.capsule_routing_ext_backward,
+                                             has_weights=True)
+    _fused["route"] = FusedRouting(ops.route_ext.default, ops.route_ext_backward, has_weights=False)
     for name in ("capsrouting::capsule_routing_ext_backward", "capsrouting::route_ext_backward"):
         register_backward_op_autograd(name, name)
     return None
+
+
+_fused = {}  # entry point -> its FusedRouting, once the extension is loaded
 
 
 def _probe_cpu() -> Optional[str]:
@@ -82,13 +86,12 @@ def _probe_cuda() -> Optional[str]:
 # Inputs are made contiguous here, once: the op then saves the contiguous tensors for its
 # backward, instead of each kernel copying a strided input again.
 def capsule_routing(u: torch.Tensor, W: torch.Tensor, num_iterations: int, options=None):
-    out = call_forward_op(torch.ops.capsrouting.capsule_routing_ext, u.contiguous(), W.contiguous(), *op_options(options),
-                          num_iterations)
+    out = _fused["capsule_routing"](u.contiguous(), W.contiguous(), *op_options(options), num_iterations)
     return op_result(out, options)
 
 
 def route(u_hat: torch.Tensor, num_iterations: int, options=None):
-    out = call_forward_op(torch.ops.capsrouting.route_ext, u_hat.contiguous(), *op_options(options), num_iterations)
+    out = _fused["route"](u_hat.contiguous(), *op_options(options), num_iterations)
     return op_result(out, options)
 
 

@@ -14,8 +14,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._autograd import (call_forward_op, fake_forward, fake_option_grads, op_options, op_result,
-                        register_backward_op_autograd, register_routing_autograd)
+from ._autograd import (FusedRouting, fake_forward, fake_option_grads, op_options, op_result,
+                        register_backward_op_autograd)
 from ._validation import check_capsule_routing_args, check_route_args, check_routing_options
 from .backends import Backend, accumulation_dtype, register
 from .reference import SQUASH_EPS, squash
@@ -592,8 +592,8 @@ route_backward_op.register_fake(
         torch.empty_like(u_hat), *fake_option_grads(u_hat, bias, prior, option_grads))
 )
 
-register_routing_autograd(capsule_routing_op, capsule_routing_backward_op, has_weights=True)
-register_routing_autograd(route_op, route_backward_op, has_weights=False)
+fused_capsule_routing = FusedRouting(capsule_routing_op, capsule_routing_backward_op, has_weights=True)
+fused_route = FusedRouting(route_op, route_backward_op, has_weights=False)
 register_backward_op_autograd(capsule_routing_backward_op, "capsrouting::capsule_routing_triton_backward")
 register_backward_op_autograd(route_backward_op, "capsrouting::route_triton_backward")
 
@@ -601,12 +601,12 @@ register_backward_op_autograd(route_backward_op, "capsrouting::route_triton_back
 # ---- backend entry points ----------------------------------------------------------------------
 
 def capsule_routing(u: torch.Tensor, W: torch.Tensor, num_iterations: int, options=None):
-    out = call_forward_op(capsule_routing_op, u.contiguous(), W.contiguous(), *op_options(options), num_iterations)
+    out = fused_capsule_routing(u.contiguous(), W.contiguous(), *op_options(options), num_iterations)
     return op_result(out, options)
 
 
 def route(u_hat: torch.Tensor, num_iterations: int, options=None):
-    return op_result(call_forward_op(route_op, u_hat.contiguous(), *op_options(options), num_iterations), options)
+    return op_result(fused_route(u_hat.contiguous(), *op_options(options), num_iterations), options)
 
 
 def _shape_reason(x: torch.Tensor, W: Optional[torch.Tensor]) -> Optional[str]:

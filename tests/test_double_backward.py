@@ -120,3 +120,23 @@ def test_differentiating_a_backward_op_directly_raises_a_clear_error(backend, de
     du_hat = du_hat[0] if isinstance(du_hat, (tuple, list)) else du_hat
     with pytest.raises(RuntimeError, match="has no derivative of its own; differentiate capsrouting"):
         du_hat.sum().backward()
+
+
+@pytest.mark.parametrize("backend,device", [p for p in _backends() if p.id != "torch"])
+def test_torch_func_transforms_run_the_reference(backend, device, monkeypatch):
+    """torch.func.grad, jacrev and vmap: the fused ops have no functorch rules, so inside a transform
+    every backend runs as "torch"; an explicitly named one says so once, "auto" quietly."""
+    from capsrouting import backends
+
+    monkeypatch.setattr(backends, "_announced", set())
+    u, W = make_inputs(3, 7, 4, 5, 6, torch.float64, device)
+    run = lambda name: lambda W: capsrouting.capsule_routing(u, W, 3, backend=name).square().sum()  # noqa: E731
+    want = torch.func.grad(run("torch"))(W)
+    with pytest.warns(RuntimeWarning, match=f"backend '{backend}' runs as 'torch'"):
+        got = torch.func.grad(run(backend))(W)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.func.grad(run("auto"))(W), want, rtol=1e-12, atol=0)  # no warning
+    jac = torch.func.jacrev(lambda x: capsrouting.route(x, 2, backend=backend))(u[0, :, :4].reshape(1, 7, 1, 4))
+    assert jac.shape == (1, 1, 4, 1, 7, 1, 4)
+    v = torch.vmap(lambda x: capsrouting.capsule_routing(x, W, 3, backend=backend))(u.unsqueeze(1))
+    torch.testing.assert_close(v.squeeze(1), capsrouting.capsule_routing(u, W, 3, backend=backend), rtol=1e-12, atol=1e-14)

@@ -49,6 +49,7 @@
 #include "../routing_math.h"
 #include "problem.h"
 #include "simd.h"
+#include "workspace.h"
 
 namespace capsrouting::cpu::small_batch {
 namespace {
@@ -497,7 +498,7 @@ SmallBatchRouting<scalar_t, acc_t, kOptions> make_routing(const at::Tensor& x, c
   } else {
     routing.u_hat = keep.x.data_ptr<scalar_t>();
   }
-  keep.predictions = at::empty({sz.B, sz.groups(), sz.JD(), sz.L}, x.options().dtype(acc));
+  keep.predictions = scratch(Scratch::predictions, {sz.B, sz.groups(), sz.JD(), sz.L}, acc);
   routing.predictions = lanes_of<acc_t>(keep.predictions);
   if constexpr (kOptions) {
     if (options.bias.defined()) {
@@ -633,7 +634,7 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
       std::vector<acc_t> A_partial(sz.B * slices * JD), A(sz.B * JD), V_r(sz.B * JD), gs_r(sz.B * JD);
       std::vector<acc_t> gv(grad.data_ptr<acc_t>(), grad.data_ptr<acc_t>() + sz.B * JD);  // g_v(r) of every sample
       // c(r) and g_b(r), r >= 1, from phase 1's passes for phase 2: (B, R, groups, J) vectors each.
-      auto kept = at::empty({2, sz.B, R, sz.groups(), sz.J, sz.L}, x.options().dtype(acc));
+      auto kept = scratch(Scratch::kept, {2, sz.B, R, sz.groups(), sz.J, sz.L}, acc);
       const auto Vprev_splat = splat(Vprev_data, sz.B * R * JD);
       for (int64_t r = R - 1; r >= 0; --r) {
         for (int64_t b = 0; b < sz.B; ++b)
