@@ -92,24 +92,27 @@ class FusedRouting:
             return reference_gradients(inputs, grad_v, R, self.n_inputs == 2, bias, logit_prior, ctx.leaky,
                                        ctx.detach_inner)
         option_grads = any(ctx.needs_input_grad[first + self.n_inputs:first + self.n_inputs + 2])
-        grads = self.backward_op(grad_v.contiguous(), *inputs, bias, logit_prior, ctx.leaky, ctx.detach_inner,
-                                 option_grads, s_saved, Vprev_saved, R)
+        # Below the autograd layer: nothing is recorded here (grad mode is off), and the backward op's
+        # own registration (which only refuses a derivative) would cost a Python call.
+        with torch._C._AutoDispatchBelowAutograd():
+            grads = self.backward_op(grad_v.contiguous(), *inputs, bias, logit_prior, ctx.leaky, ctx.detach_inner,
+                                     option_grads, s_saved, Vprev_saved, R)
         # Empty dbias / dprior: no such input, or no gradient wanted.
         return [g if g.numel() or i < self.n_inputs else None for i, g in enumerate(grads)]
 
 
 class _EagerRouting(torch.autograd.Function):
-    """``FusedRouting``'s eager autograd: the forward op below the autograd layer, ``_backward`` after."""
+    """``FusedRouting``'s eager autograd: the forward op below the autograd layer, ``_backward`` after.
+    (No ``setup_context``: with one, every ``apply`` binds its arguments by ``inspect.signature``;
+    functorch transforms, which would need it, never reach here: see ``backends.resolve``.)"""
 
     @staticmethod
-    def forward(fused, *args):
+    def forward(ctx, fused, *args):
         with torch._C._AutoDispatchBelowAutograd():
-            return fused.forward_op(*args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.fused = inputs[0]
-        ctx.fused._setup_context(ctx, inputs[1:], output)
+            output = fused.forward_op(*args)
+        ctx.fused = fused
+        fused._setup_context(ctx, args, output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_v, *_unused):
