@@ -290,9 +290,9 @@ struct SmallBatchRouting {
     }
   }
 
-  // The couplings of sample b's input capsules in group g against V(r-1) (one vector per jd,
-  // every lane the same). uniform: the first iteration's 1/J.
-  void group_couplings(int64_t g, const Vec* uh, const Vec* V, bool uniform, Vec* c) const {
+  // The couplings of sample b's input capsules in group g against V(r-1) (J*D numbers, shared by
+  // the lanes). uniform: the first iteration's 1/J.
+  void group_couplings(int64_t g, const Vec* uh, const acc_t* V, bool uniform, Vec* c) const {
     if (uniform) {
       std::fill(c, c + sz.J, Vec{} + acc_t(1) / acc_t(sz.J));
       return;
@@ -301,8 +301,8 @@ struct SmallBatchRouting {
   }
 
   // One forward pass of iteration r over a slice: s_partial[b] (J*D) for every sample, and the
-  // couplings into c_out (B, I, J) unless it is null.
-  void forward_pass(int64_t slice, int64_t r, const Vec* V_splat, acc_t* s_partial, int64_t s_stride,
+  // couplings into c_out (B, I, J) unless it is null. V: V(r-1) of every sample, (B, J*D).
+  void forward_pass(int64_t slice, int64_t r, const acc_t* V, acc_t* s_partial, int64_t s_stride,
                     scalar_t* c_out) const {
     const int64_t JD = sz.JD(), J = sz.J;
     std::vector<Vec> s(JD), c(J);
@@ -311,7 +311,7 @@ struct SmallBatchRouting {
       std::fill(s.begin(), s.end(), Vec{});
       for (int64_t g = sz.group_begin(slice); g < sz.group_end(slice); ++g) {
         const Vec* uh = predictions_of(b, g);
-        group_couplings(g, uh, V_splat + b * JD, uniform, c.data());
+        group_couplings(g, uh, V + b * JD, uniform, c.data());
         add_scaled_rows(c.data(), uh, J, sz.D, s.data());
         if (kOptions && c_out != nullptr)
           for (int64_t l = 0; l < sz.lanes(g); ++l)
@@ -323,7 +323,8 @@ struct SmallBatchRouting {
 
   // A(r) of a slice (DESIGN.md §3) for every sample: sum_i g_b[i, j] u_hat[i, j], into A_partial[b].
   // c(r) and g_b(r) are kept for phase 2 in c_kept and gb_kept ((B, R, groups, J) vectors each).
-  void reduce_pass(int64_t slice, int64_t r, const Vec* Vprev_splat, const Vec* gs_splat, acc_t* A_partial,
+  // Vprev and gs: V(r-1) and g_s(r) of every sample and iteration, (B, R, J*D).
+  void reduce_pass(int64_t slice, int64_t r, const acc_t* Vprev, const acc_t* gs, acc_t* A_partial,
                    int64_t A_stride, Vec* c_kept, Vec* gb_kept) const {
     const int64_t JD = sz.JD(), J = sz.J;
     std::vector<Vec> A(JD);
@@ -333,8 +334,8 @@ struct SmallBatchRouting {
         const Vec* uh = predictions_of(b, g);
         Vec* c = c_kept + ((b * sz.R + r) * sz.groups() + g) * J;
         Vec* gb = gb_kept + ((b * sz.R + r) * sz.groups() + g) * J;
-        couplings(uh, Vprev_splat + b * JD, J, sz.D, prior_of(g), opt.leaky, c);
-        coupling_gradients(uh, gs_splat + b * JD, J, sz.D, c, gb);
+        couplings(uh, Vprev + (b * sz.R + r) * JD, J, sz.D, prior_of(g), opt.leaky, c);
+        coupling_gradients(uh, gs + (b * sz.R + r) * JD, J, sz.D, c, gb);
         add_scaled_rows(gb, uh, J, sz.D, A.data());
       }
       for (int64_t jd = 0; jd < JD; ++jd) A_partial[b * A_stride + jd] = lanes_sum(A[jd]);
@@ -342,11 +343,11 @@ struct SmallBatchRouting {
   }
 
   // Phase 2 of a slice: dx (du or du_hat) of its input capsules for every sample, dW[i] and
-  // dprior[i] (unless null). gs_splat and Vprev_splat: (B, R, J*D) vectors. Not full: r = R-1 alone.
+  // dprior[i] (unless null). gs and Vprev: (B, R, J*D). Not full: r = R-1 alone.
   // du_hat of sample b in group g from phase 1's c(r), g_b(r) (r >= 1) without a prior gradient: the same
   // terms, in the same order, as the general loop of input_pass, each row summed in a register and
   // stored once. c: room for r = 0's couplings (1/J, or from the prior and the leak alone: V(0) = 0).
-  void kept_terms(int64_t g, int64_t b, const Vec* uh, const Vec* gs_splat, const Vec* Vprev_splat, const Vec* c_kept,
+  void kept_terms(int64_t g, int64_t b, const Vec* uh, const acc_t* gs, const acc_t* Vprev, const Vec* c_kept,
                   const Vec* gb_kept, Vec* c, Vec* du_hat) const {
     const int64_t JD = sz.JD(), J = sz.J, D = sz.D, R = sz.R;
     const bool take_c0 = !opt.detach_inner;  // R > 1 here: r = 0 is not the last iteration
@@ -354,10 +355,10 @@ struct SmallBatchRouting {
       if (opt.uniform_start())
         std::fill(c, c + J, Vec{} + acc_t(1) / acc_t(J));
       else
-        couplings(uh, Vprev_splat + b * R * JD, J, D, prior_of(g), opt.leaky, c);
+        couplings(uh, Vprev + b * R * JD, J, D, prior_of(g), opt.leaky, c);
     }
-    const Vec* gs_b = gs_splat + b * R * JD;
-    const Vec* Vp_b = Vprev_splat + b * R * JD;
+    const acc_t* gs_b = gs + b * R * JD;
+    const acc_t* Vp_b = Vprev + b * R * JD;
     const Vec* c_b = c_kept + b * R * sz.groups() * J + g * J;  // + r * groups * J: iteration r
     const Vec* gb_b = gb_kept + b * R * sz.groups() * J + g * J;
     for (int64_t j = 0; j < J; ++j)
@@ -374,7 +375,7 @@ struct SmallBatchRouting {
   }
 
   // c_kept, gb_kept: c(r) and g_b(r) of phase 1 for r >= 1 ((B, R, groups, J) vectors each), or null.
-  void input_pass(int64_t slice, const Vec* gs_splat, const Vec* Vprev_splat, const Vec* c_kept, const Vec* gb_kept,
+  void input_pass(int64_t slice, const acc_t* gs_all, const acc_t* Vprev_all, const Vec* c_kept, const Vec* gb_kept,
                   scalar_t* dx, scalar_t* dW, acc_t* dprior, bool full) const {
     const int64_t JD = sz.JD(), J = sz.J, D = sz.D, R = sz.R, K = sz.K, Kp = sz.Kp(), L = sz.L;
     if constexpr (!kOptions) {  // compile-time: the plain op's loops
@@ -393,13 +394,13 @@ struct SmallBatchRouting {
         const Vec* uh = predictions_of(b, g);
         Vec* du_hat = du_hat_all.data() + b * JD;
         if (c_kept != nullptr && dprior == nullptr) {  // the common case, every term summed in registers
-          kept_terms(g, b, uh, gs_splat, Vprev_splat, c_kept, gb_kept, c.data(), du_hat);
+          kept_terms(g, b, uh, gs_all, Vprev_all, c_kept, gb_kept, c.data(), du_hat);
           if (pairs) continue;
         } else {
         std::fill(du_hat, du_hat + JD, Vec{});
         for (int64_t r = full ? 0 : R - 1; r < R; ++r) {
-          const Vec* gs = gs_splat + (b * R + r) * JD;
-          const Vec* Vp = Vprev_splat + (b * R + r) * JD;
+          const acc_t* gs = gs_all + (b * R + r) * JD;
+          const acc_t* Vp = Vprev_all + (b * R + r) * JD;
           const Terms take{r == R - 1 || !opt.detach_inner, r > 0 && !opt.detach_inner};
           if (r == 0 && opt.uniform_start() && dprior == nullptr) {  // uniform couplings, g_b V(0) = 0
             if (take.c)
@@ -462,15 +463,6 @@ struct SmallBatchRouting {
 };
 
 Sizes sizes_of(const at::Tensor& x, const at::Tensor& W, int64_t R) { return {problem_sizes(x, W, R)}; }
-
-// Each of n numbers as a whole vector, every lane equal (plain loops: a handful of ATen calls would
-// cost more than the pass that reads them at B = 1).
-template <typename acc_t>
-std::vector<Lanes<acc_t>> splat(const acc_t* x, int64_t n) {
-  std::vector<Lanes<acc_t>> vectors(n);
-  for (int64_t e = 0; e < n; ++e) vectors[e] = Lanes<acc_t>{} + x[e];
-  return vectors;
-}
 
 template <typename acc_t>
 Lanes<acc_t>* lanes_of(const at::Tensor& t) {
@@ -579,11 +571,10 @@ ForwardResult forward(const at::Tensor& x, const at::Tensor& W, const RoutingOpt
       acc_t* const s_saved_data = s_saved.data_ptr<acc_t>();
       acc_t* const Vprev_saved_data = Vprev_saved.data_ptr<acc_t>();
       for (int64_t r = 0; r < R; ++r) {
-        const auto V_splat = splat(V.data(), sz.B * JD);
         scalar_t* c_out = c.defined() && r == R - 1 ? c.data_ptr<scalar_t>() : nullptr;
         for_each_slice(sz, [&](int64_t slice) {
           if (r == 0) routing.build(slice);
-          routing.forward_pass(slice, r, V_splat.data(), s_partial.data() + slice * JD, slices * JD, c_out);
+          routing.forward_pass(slice, r, V.data(), s_partial.data() + slice * JD, slices * JD, c_out);
         });
         add_partials(s_partial.data(), sz.B, slices, JD, s.data());
         for (int64_t b = 0; b < sz.B; ++b) {
@@ -631,23 +622,17 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
       const acc_t* const s_data = s_c.data_ptr<acc_t>();
       const acc_t* const Vprev_data = Vprev_c.data_ptr<acc_t>();
       acc_t* const gs_data = gs.data_ptr<acc_t>();
-      std::vector<acc_t> A_partial(sz.B * slices * JD), A(sz.B * JD), V_r(sz.B * JD), gs_r(sz.B * JD);
+      std::vector<acc_t> A_partial(sz.B * slices * JD), A(sz.B * JD);
       std::vector<acc_t> gv(grad.data_ptr<acc_t>(), grad.data_ptr<acc_t>() + sz.B * JD);  // g_v(r) of every sample
       // c(r) and g_b(r), r >= 1, from phase 1's passes for phase 2: (B, R, groups, J) vectors each.
       auto kept = scratch(Scratch::kept, {2, sz.B, R, sz.groups(), sz.J, sz.L}, acc);
-      const auto Vprev_splat = splat(Vprev_data, sz.B * R * JD);
       for (int64_t r = R - 1; r >= 0; --r) {
         for (int64_t b = 0; b < sz.B; ++b)
           squash_backward_into(s_data + (b * R + r) * JD, gv.data() + b * JD, sz.J, sz.D, gs_data + (b * R + r) * JD);
         if (r == 0 || (kOptions && !full)) break;
-        for (int64_t b = 0; b < sz.B; ++b) {  // g_s(r) and V(r-1) of every sample, (B, J*D)
-          std::copy_n(gs_data + (b * R + r) * JD, JD, gs_r.data() + b * JD);
-          std::copy_n(Vprev_data + (b * R + r) * JD, JD, V_r.data() + b * JD);
-        }
-        const auto gs_r_splat = splat(gs_r.data(), sz.B * JD), V_r_splat = splat(V_r.data(), sz.B * JD);
         for_each_slice(sz, [&](int64_t slice) {
           if (r == R - 1) routing.build(slice);  // while the slice's predictions are at hand
-          routing.reduce_pass(slice, r, V_r_splat.data(), gs_r_splat.data(), A_partial.data() + slice * JD,
+          routing.reduce_pass(slice, r, Vprev_data, gs_data, A_partial.data() + slice * JD,
                               slices * JD, lanes_of<acc_t>(kept[0]), lanes_of<acc_t>(kept[1]));
         });
         add_partials(A_partial.data(), sz.B, slices, JD, A.data());
@@ -656,9 +641,8 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
         for (int64_t e = 0; e < sz.B * JD; ++e) gv[e] += A[e];
       }
       if (R == 1 || !full) for_each_slice(sz, [&](int64_t slice) { routing.build(slice); });  // no pass built them
-      const auto gs_splat = splat(static_cast<const acc_t*>(gs_data), sz.B * R * JD);
       for_each_slice(sz, [&](int64_t slice) {
-        routing.input_pass(slice, gs_splat.data(), Vprev_splat.data(),
+        routing.input_pass(slice, gs_data, Vprev_data,
                            full && R > 1 ? lanes_of<acc_t>(kept[0]) : nullptr, lanes_of<acc_t>(kept[1]), dx.data_ptr<scalar_t>(),
                            W.defined() ? dW.data_ptr<scalar_t>() : nullptr,
                            want_dprior ? dprior.data_ptr<acc_t>() : nullptr, full);

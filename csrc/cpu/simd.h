@@ -106,9 +106,10 @@ struct OptionValues<acc_t, false> {
 // c[j] = softmax over j of prior[j] + dot(uh[j], V[j]): the couplings of one input capsule
 // (prior null: no prior). leaky: an extra zero logit, c[j] = exp(b_j - m) / (exp(-m) + sum_k exp(b_k - m))
 // with m = max(0, max_k b_k).
-// prior: one number per j (shared by the lanes) or one vector per j.
-template <typename Vec, typename Prior>
-void couplings(const Vec* uh, const Vec* V, int64_t J, int64_t D, const Prior* prior, bool leaky, Vec* c) {
+// prior: one number per j (shared by the lanes) or one vector per j. V (and gs, x below): vectors, or
+// numbers shared by the lanes (a broadcast load, as cheap as a vector load).
+template <typename Vec, typename Shared, typename Prior>
+void couplings(const Vec* uh, const Shared* V, int64_t J, int64_t D, const Prior* prior, bool leaky, Vec* c) {
   for (int64_t j = 0; j < J; ++j) {
     Vec dot = {};
     for (int64_t d = 0; d < D; ++d) dot += uh[j * D + d] * V[j * D + d];
@@ -127,8 +128,8 @@ void couplings(const Vec* uh, const Vec* V, int64_t J, int64_t D, const Prior* p
 }
 
 // g_b[j] = c[j] * (g_c[j] - sum_k c[k] g_c[k]), with g_c[j] = dot(g_s[j], uh[j]).
-template <typename Vec>
-void coupling_gradients(const Vec* uh, const Vec* gs, int64_t J, int64_t D, const Vec* c, Vec* gb) {
+template <typename Vec, typename Shared>
+void coupling_gradients(const Vec* uh, const Shared* gs, int64_t J, int64_t D, const Vec* c, Vec* gb) {
   Vec weighted = {};
   for (int64_t j = 0; j < J; ++j) {
     Vec dot = {};
@@ -140,8 +141,8 @@ void coupling_gradients(const Vec* uh, const Vec* gs, int64_t J, int64_t D, cons
 }
 
 // out[j*D + d] += c[j] * x[j*D + d]
-template <typename Vec>
-void add_scaled_rows(const Vec* c, const Vec* x, int64_t J, int64_t D, Vec* out) {
+template <typename Vec, typename Shared>
+void add_scaled_rows(const Vec* c, const Shared* x, int64_t J, int64_t D, Vec* out) {
   for (int64_t j = 0; j < J; ++j)
     for (int64_t d = 0; d < D; ++d) out[j * D + d] += c[j] * x[j * D + d];
 }
