@@ -3,6 +3,7 @@
 Values, gradients, edge cases, memory, determinism, registration and errors. The "cuda"
 cases run only where a GPU and the extension's CUDA kernels are present.
 """
+import concurrent.futures
 import os
 
 import pytest
@@ -161,6 +162,54 @@ def test_cpu_small_batch_kernels_with_options_and_half_types(dtype, option_set, 
     B, I, Din, J, Dout, R = 5, 37, 8, 10, 16, 3
     options = routing_option_values(I, J, Dout, OPTION_SETS[option_set]) if option_set != "none" else None
     assert_matches_reference("cpu", B, I, Din, J, Dout, R, dtype=dtype, device="cpu", options=options)
+
+
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="cpu backend unavailable")
+def test_cpu_scratch_memory_is_safe_across_calls_and_threads():
+    """The small-batch kernels keep their scratch per calling thread between calls (csrc/cpu/workspace.h):
+    calls of different sizes interleaved, two layers' forwards before both backwards, and several Python
+    threads at once give the same bits as each problem alone."""
+    problems = [make_inputs(B, I, 8, 10, 16, torch.float32, "cpu", requires_grad=True)
+                for B, I in [(1, 1152), (7, 300), (16, 1152), (3, 37)]]
+    grad_v = [torch.randn(u.shape[0], 10, 16, generator=torch.Generator().manual_seed(B)) for B, (u, _) in enumerate(problems)]
+
+    def run(k):
+        u, W = problems[k]
+        v = capsrouting.capsule_routing(u, W, 3, backend="cpu")
+        return (v, *torch.autograd.grad(v, (u, W), grad_v[k]))
+
+    alone = [run(k) for k in range(len(problems))]
+    # Two forwards, then the backwards in reverse order, as a model with two routing layers runs them.
+    u0, W0 = problems[0]
+    u2, W2 = problems[2]
+    v0 = capsrouting.capsule_routing(u0, W0, 3, backend="cpu")
+    v2 = capsrouting.capsule_routing(u2, W2, 3, backend="cpu")
+    got2 = torch.autograd.grad(v2, (u2, W2), grad_v[2])
+    got0 = torch.autograd.grad(v0, (u0, W0), grad_v[0])
+    assert all(torch.equal(a, b) for a, b in zip((v0, *got0), alone[0]))
+    assert all(torch.equal(a, b) for a, b in zip((v2, *got2), alone[2]))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, [k % len(problems) for k in range(16)]))
+    for k, result in enumerate(results):
+        assert all(torch.equal(a, b) for a, b in zip(result, alone[k % len(problems)])), k
+
+
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="cpu backend unavailable")
+def test_cpu_backward_reuses_predictions_only_of_the_same_inputs(monkeypatch):
+    """The backward reuses its forward's predictions from scratch only while u, W and the forward's
+    saved tensor are the very ones, unchanged: W changed in place must be built again."""
+    monkeypatch.setenv("CAPSROUTING_CPU_PATH", "small-batch")
+    ops = torch.ops.capsrouting
+    u, W = make_inputs(2, 40, 8, 10, 16, torch.float32, "cpu")
+    grad_v = torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(1))
+    backward = lambda s, V: ops.capsule_routing_ext_backward(grad_v, u, W, None, None, False, False, False, s, V, 3)  # noqa: E731
+    _, _, s, V = ops.capsule_routing_ext(u, W, None, None, False, False, False, 3)
+    W_before = W.clone()
+    W.mul_(2.0)  # same storage, new version
+    got = backward(s, V)
+    ops.capsule_routing_ext(u[:1], W_before, None, None, False, False, False, 3)  # takes the scratch
+    want = backward(s, V)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 @pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="cpu backend unavailable")

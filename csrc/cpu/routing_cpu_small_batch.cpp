@@ -20,7 +20,8 @@
 // of the slice its lanes are added by a fixed tree: one partial s per (sample, slice). Between
 // passes one thread adds the partials in slice order, then the bias, and squashes.
 //
-// Backward: the predictions are built again. Phase 1 (g_s of every iteration): per r = R-1..1 a
+// Backward: the forward's predictions if this thread's scratch still holds them (workspace.h: the
+// usual forward-then-backward on one thread), else built again. Phase 1 (g_s of every iteration): per r = R-1..1 a
 // parallel pass that reduces A(r) into partials per (sample, slice), added in slice order, and keeps
 // c(r) and g_b(r) (B*R*I*J numbers each). Phase 2, parallel over slices: per group, du_hat of every
 // sample (vertical over the lanes), then du from W[i], and dW[i] and d logit_prior[i] summed over the
@@ -592,6 +593,8 @@ ForwardResult forward(const at::Tensor& x, const at::Tensor& W, const RoutingOpt
       }
     });
   });
+  // For this call's backward, if it runs next on this thread (s_saved tells this forward from another).
+  scratch_written_from(Scratch::predictions, {x, W, s_saved});
   return {v, c, s_saved, Vprev_saved};
 }
 
@@ -616,6 +619,8 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "capsrouting_backward_cpu_small_batch", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_options_or_not(options.backward_reads_options(), [&](auto kOptions) {
+      // The forward's predictions, when they are still in this thread's scratch: no W to read for them.
+      const bool built = scratch_holds(Scratch::predictions, {x, W, s_saved});
       Prepared keep;
       const auto routing = make_routing<scalar_t, acc_t, decltype(kOptions)::value>(x, W, R, options, keep);
       // Phase 1: g_v(r) = [r = R-1] grad_v + A_suffix; g_s(r) = squash_backward(s(r), g_v(r)).
@@ -631,7 +636,7 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
           squash_backward_into(s_data + (b * R + r) * JD, gv.data() + b * JD, sz.J, sz.D, gs_data + (b * R + r) * JD);
         if (r == 0 || (kOptions && !full)) break;
         for_each_slice(sz, [&](int64_t slice) {
-          if (r == R - 1) routing.build(slice);  // while the slice's predictions are at hand
+          if (r == R - 1 && !built) routing.build(slice);  // while the slice's predictions are at hand
           routing.reduce_pass(slice, r, Vprev_data, gs_data, A_partial.data() + slice * JD,
                               slices * JD, lanes_of<acc_t>(kept[0]), lanes_of<acc_t>(kept[1]));
         });
@@ -640,7 +645,7 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
         if (r == R - 1) std::fill(gv.begin(), gv.end(), acc_t(0));
         for (int64_t e = 0; e < sz.B * JD; ++e) gv[e] += A[e];
       }
-      if (R == 1 || !full) for_each_slice(sz, [&](int64_t slice) { routing.build(slice); });  // no pass built them
+      if (!built && (R == 1 || !full)) for_each_slice(sz, [&](int64_t slice) { routing.build(slice); });  // no pass built them
       for_each_slice(sz, [&](int64_t slice) {
         routing.input_pass(slice, gs_data, Vprev_data,
                            full && R > 1 ? lanes_of<acc_t>(kept[0]) : nullptr, lanes_of<acc_t>(kept[1]), dx.data_ptr<scalar_t>(),
@@ -649,6 +654,7 @@ BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at:
       });
     });
   });
+  scratch_written_from(Scratch::predictions, {x, W, s_saved});  // a second backward (retain_graph) reuses them
   // dbias = sum of g_s(r) over the batch and the iterations.
   auto dbias = want_dbias ? gs.sum({0, 1}).view({sz.J, sz.D}).to(options.bias.scalar_type()) : at::Tensor();
   return {dx, dW, dbias, want_dprior ? dprior.to(options.logit_prior.scalar_type()) : dprior};
