@@ -213,6 +213,14 @@ def test_cpu_backward_reuses_predictions_only_of_the_same_inputs(monkeypatch):
 
 
 @pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="cpu backend unavailable")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cpu_forward_and_backward_on_different_kernels(dtype):
+    """B = 24 under auto: the forward on the batch kernels (B > 16), the backward on the small-batch
+    kernels (B <= 32), which read the forward's saved s(r) and V(r-1) in the same layout."""
+    assert_matches_reference("cpu", 24, 37, 5, 10, 16, 3, dtype=dtype, device="cpu")
+
+
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="cpu backend unavailable")
 @pytest.mark.parametrize("B", [1, 3])
 def test_cpu_batch_kernels_still_match_reference_at_small_batches(B, monkeypatch):
     monkeypatch.setenv("CAPSROUTING_CPU_PATH", "batch")

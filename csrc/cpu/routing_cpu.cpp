@@ -388,16 +388,20 @@ Routing<scalar_t, acc_t, kOptions> make_routing(const at::Tensor& x, const at::T
 
 // The kernels that run a call. A chunk of the batch kernels holds kLanes samples and runs on one thread:
 // below a few chunks per thread most lanes idle, or threads do. The small-batch kernels vectorize
-// over the input capsules and share them among the threads, and cost in proportion to B. Measured
-// (bench/cpu_speedup.py --paths, paper layer, float32, 2026-11-26): the small-batch kernels are the
-// faster for forward and forward+backward up to B = 22 with 2 threads and B = 12 with 1, and the
-// batch kernels beyond (at B = 32 they are 2x faster: the small-batch kernels' predictions,
-// 737 KB a sample, no longer fit the caches). Hence B <= 8 per thread, and never above 16, where
-// nothing was measured. CAPSROUTING_CPU_PATH forces one or the other (benchmarks, tests).
-bool use_small_batch_kernels(int64_t B) {
+// over the input capsules and share them among the threads, and cost in proportion to B.
+// Measured (bench/cpu_speedup.py --paths, paper layer, float32; Intel Xeon 2026-11-26 and AMD EPYC
+// 2026-11-27, README "Performance"): the forward is faster on the small-batch kernels up to about
+// 8 samples per thread (at B = 16 with 1 thread the batch kernels win, 2.5 against 3.0 ms), the
+// backward on the small-batch kernels up to B = 32 with 1 or 2 threads (their predictions and kept
+// couplings stay in scratch that fits the caches; at B = 128 they lose 2x). A backward's kernels
+// need not be its forward's: both save s(r) and V(r-1) in one layout. CAPSROUTING_CPU_PATH forces
+// one or the other for both passes (benchmarks, tests).
+enum class Pass { forward, backward };
+
+bool use_small_batch_kernels(int64_t B, Pass pass) {
   const char* forced = std::getenv("CAPSROUTING_CPU_PATH");
   if (forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0)
-    return B <= std::min<int64_t>(8 * at::get_num_threads(), 16);
+    return B <= (pass == Pass::forward ? std::min<int64_t>(8 * at::get_num_threads(), 16) : 32);
   if (std::strcmp(forced, "small-batch") == 0) return true;
   if (std::strcmp(forced, "batch") == 0) return false;
   TORCH_CHECK(false, "CAPSROUTING_CPU_PATH must be 'auto', 'small-batch' or 'batch', got '", forced, "'");
@@ -406,7 +410,7 @@ bool use_small_batch_kernels(int64_t B) {
 }  // namespace
 
 ForwardResult forward(const at::Tensor& x, const at::Tensor& W_in, const RoutingOptions& options, int64_t R) {
-  if (use_small_batch_kernels(x.size(0))) return small_batch::forward(x, W_in, options, R);
+  if (use_small_batch_kernels(x.size(0), Pass::forward)) return small_batch::forward(x, W_in, options, R);
   const at::Tensor* W = W_in.defined() ? &W_in : nullptr;
   const Sizes sz = sizes_of(x, W, R);
   at::Tensor v, c, s_saved, Vprev_saved;
@@ -431,7 +435,7 @@ ForwardResult forward(const at::Tensor& x, const at::Tensor& W_in, const Routing
 BackwardResult backward(const at::Tensor& grad_v, const at::Tensor& x, const at::Tensor& W_in,
                         const RoutingOptions& options, const at::Tensor& s_saved, const at::Tensor& Vprev_saved,
                         int64_t R) {
-  if (use_small_batch_kernels(x.size(0))) return small_batch::backward(grad_v, x, W_in, options, s_saved, Vprev_saved, R);
+  if (use_small_batch_kernels(x.size(0), Pass::backward)) return small_batch::backward(grad_v, x, W_in, options, s_saved, Vprev_saved, R);
   const at::Tensor* W = W_in.defined() ? &W_in : nullptr;
   const Sizes sz = sizes_of(x, W, R);
   const bool full = options.full_backward();
