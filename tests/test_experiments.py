@@ -65,6 +65,18 @@ def test_a_finished_run_is_reused_and_another_config_is_refused(tmp_path):
         _toy_run(tmp_path, config=dict(name="other"))
 
 
+def test_a_finished_result_without_its_weights_is_reused_only_where_no_weights_are_needed(tmp_path):
+    _, first, _ = _toy_run(tmp_path)
+    (tmp_path / "best.pt").unlink()  # the result.json alone, as carried to another machine
+    with pytest.raises(common.CommandError, match="without its best weights"):
+        _toy_run(tmp_path)
+    model = nn.Linear(4, 3)
+    before = model.weight.detach().clone()
+    again = common.train_run(tmp_path, model, None, None, None, common.Budget(steps=6, batch_size=8, eval_every=2),
+                             seed=0, config=dict(name="toy"), device="cpu", log=lambda text: None, weights_needed=False)
+    assert again == first and torch.equal(model.weight, before)
+
+
 def test_the_best_validation_weights_are_kept_and_the_target_stops_training(tmp_path):
     accuracies = iter([0.5, 0.9, 0.7])
     _, result, calls = _toy_run(tmp_path / "best", validate=lambda m: next(accuracies))

@@ -88,9 +88,14 @@ def train_run(
     config: dict,
     device,
     log: Callable[[str], None] = print,
+    weights_needed: bool = True,
 ) -> dict:
     """Train ``model`` (already on ``device``) under ``budget``, or resume or reuse the run in
     ``run_dir``; returns its result with the best weights loaded into ``model``.
+
+    ``weights_needed=False``: the caller reads only the result, so a finished run whose
+    ``result.json`` was kept without its checkpoints (a record carried to another machine) is
+    reused as it is, and ``model`` is left untouched.
 
     ``train_step(model, step)`` returns the loss of step ``step`` (drawing its batch from
     :func:`step_generator`); ``validate(model)`` the validation accuracy and ``test(model)``
@@ -105,7 +110,11 @@ def train_run(
         result = json.loads(result_path.read_text())
         if result["config"] != config:
             raise CommandError(f"{run_dir} holds a run with other settings: use another --out-dir or delete it")
-        model.load_state_dict(_load(best_path, device)["model"])
+        if weights_needed or best_path.exists():
+            if not best_path.exists():
+                raise CommandError(f"{run_dir} holds a finished result without its best weights (best.pt), "
+                                   "which this command needs: delete result.json to train it again")
+            model.load_state_dict(_load(best_path, device)["model"])
         log(f"{run_dir.name}: finished before, reusing its result")
         return result
 

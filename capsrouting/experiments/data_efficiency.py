@@ -92,7 +92,7 @@ def main(argv=None) -> int:
                     args.out_dir / f"{name}-{size}-seed{seed}", model, train_step,
                     lambda m: common.accuracy(m, val, val_y, args.device),
                     lambda m: dict(test_accuracy=common.accuracy(m, test, test_y, args.device)),
-                    model_budget, seed, config, args.device, log=say)
+                    model_budget, seed, config, args.device, log=say, weights_needed=False)
                 results.append(dict(model=name, size=size, seed=seed, **{k: result[k] for k in (
                     "test_accuracy", "val_accuracy", "best_step", "steps", "train_seconds")}))
 
