@@ -155,14 +155,8 @@ def resolve(backend: str, x: torch.Tensor, W: Optional[torch.Tensor] = None, opt
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string such as 'auto' or 'torch', got {backend!r}")
     device = x.device
-    if backend != "torch" and _in_functorch_transform():
-        # The fused ops have no functorch rules; the reference is plain PyTorch and composes with them.
-        _announce_once(("functorch", backend), f"capsrouting: inside a torch.func transform, backend '{backend}' "
-                       "runs as 'torch' (the reference: the fused kernels have no functorch rules)", warn=backend != "auto",
-                       stacklevel=5)
-        return _REGISTRY["torch"]
     if backend == "auto":
-        return choose_automatically(device.type, x, W, options)
+        return _unless_in_functorch_transform(backend, choose_automatically(device.type, x, W, options))
     reason = unavailable_reason(backend)
     if reason is not None:
         raise ValueError(
@@ -177,4 +171,15 @@ def resolve(backend: str, x: torch.Tensor, W: Optional[torch.Tensor] = None, opt
     reason = selected.shape_reason(x, W) or selected.options_reason(options)
     if reason is not None:
         raise ValueError(f"backend '{backend}' cannot run this problem: {reason}")
-    return selected
+    return _unless_in_functorch_transform(backend, selected)
+
+
+def _unless_in_functorch_transform(asked: str, chosen: Backend) -> Backend:
+    """``chosen``, or backend "torch" inside a torch.func transform: the fused ops have no functorch
+    rules, the reference is plain PyTorch and composes with them. A backend asked for by name says so once."""
+    if chosen.name == "torch" or not _in_functorch_transform():
+        return chosen
+    _announce_once(("functorch", asked), f"capsrouting: inside a torch.func transform, backend '{chosen.name}' "
+                   "runs as 'torch' (the reference: the fused kernels have no functorch rules)", warn=asked != "auto",
+                   stacklevel=6)
+    return _REGISTRY["torch"]

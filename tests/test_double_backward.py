@@ -138,5 +138,7 @@ def test_torch_func_transforms_run_the_reference(backend, device, monkeypatch):
     torch.testing.assert_close(torch.func.grad(run("auto"))(W), want, rtol=1e-12, atol=0)  # no warning
     jac = torch.func.jacrev(lambda x: capsrouting.route(x, 2, backend=backend))(u[0, :, :4].reshape(1, 7, 1, 4))
     assert jac.shape == (1, 1, 4, 1, 7, 1, 4)
+    with pytest.raises(ValueError, match="backend must be 'auto' or an available backend"):
+        torch.func.grad(run("no-such-backend"))(W)
     v = torch.vmap(lambda x: capsrouting.capsule_routing(x, W, 3, backend=backend))(u.unsqueeze(1))
     torch.testing.assert_close(v.squeeze(1), capsrouting.capsule_routing(u, W, 3, backend=backend), rtol=1e-12, atol=1e-14)
