@@ -110,11 +110,11 @@ def train_run(
         result = json.loads(result_path.read_text())
         if result["config"] != config:
             raise CommandError(f"{run_dir} holds a run with other settings: use another --out-dir or delete it")
-        if weights_needed or best_path.exists():
-            if not best_path.exists():
-                raise CommandError(f"{run_dir} holds a finished result without its best weights (best.pt), "
-                                   "which this command needs: delete result.json to train it again")
+        if best_path.exists():
             model.load_state_dict(_load(best_path, device)["model"])
+        elif weights_needed:
+            raise CommandError(f"{run_dir} holds a finished result without its best weights (best.pt), "
+                               "which this command needs: delete result.json to train it again")
         log(f"{run_dir.name}: finished before, reusing its result")
         return result
 
