@@ -8,7 +8,9 @@ Environment switches:
 * ``FORCE_CUDA=1`` builds the CUDA kernels even when no GPU is visible (torch must have CUDA);
   ``FORCE_ONLY_CPU=1`` builds the CPU kernels only.
 * ``MAX_JOBS`` caps ninja's parallel compile jobs (default: cores, at most one per 2 GB of RAM).
-* ``CAPSROUTING_NATIVE=0`` drops ``-march=native`` (for a build that must run on other CPUs).
+* ``CAPSROUTING_NATIVE=1`` compiles everything with ``-march=native``: a build for this CPU alone.
+  By default the build is portable: the CPU kernels are compiled once per instruction-set level
+  (``csrc/cpu/isa.h``) and the best level the running CPU supports is picked at run time.
 * ``CAPSROUTING_CXXFLAGS`` / ``CAPSROUTING_NVCCFLAGS``: extra compiler flags, appended.
 """
 import os
@@ -17,7 +19,14 @@ import shlex
 from pathlib import Path
 
 # Sources relative to the project root: the op schema, then the kernels per device.
-CPU_SOURCES = ["csrc/routing.cpp", "csrc/cpu/routing_cpu.cpp", "csrc/cpu/routing_cpu_small_batch.cpp"]
+CPU_SOURCES = [
+    "csrc/routing.cpp",
+    "csrc/cpu/routing_cpu.cpp",
+    # The CPU kernels, once per instruction-set level (the x86-64 levels compile to nothing elsewhere).
+    "csrc/cpu/kernels_baseline.cpp",
+    "csrc/cpu/kernels_avx2.cpp",
+    "csrc/cpu/kernels_avx512.cpp",
+]
 CUDA_SOURCES = ["csrc/cuda/routing_cuda.cu"]
 
 
@@ -54,9 +63,14 @@ def cxx_flags() -> list:
     # at run time it shares the OpenMP runtime torch has already loaded.
     if _uses_openmp():
         flags.append("-fopenmp")
-    if os.environ.get("CAPSROUTING_NATIVE", "1") != "0" and platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
-        flags.append("-march=native")  # built where it runs: use the whole SIMD width of this CPU
+    if native():
+        flags += ["-march=native", "-DCAPSROUTING_NATIVE_BUILD"]  # for this CPU alone, by request
     return flags + shlex.split(os.environ.get("CAPSROUTING_CXXFLAGS", ""))
+
+
+def native() -> bool:
+    """Whether to compile with -march=native (opt-in: such a build may not run on another CPU)."""
+    return _flag("CAPSROUTING_NATIVE") and platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64")
 
 
 def link_flags() -> list:

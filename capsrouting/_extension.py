@@ -94,6 +94,18 @@ def load() -> Optional[str]:
     return None
 
 
+def cpu_kernel_level() -> str:
+    """Which instruction-set level the CPU kernels run at, and why, in one line (extension loaded).
+
+    Raises RuntimeError, naming the variable, on a bad ``CAPSROUTING_CPU_ISA``.
+    """
+    level, runnable, native = torch.ops.capsrouting.cpu_isa()
+    forced = os.environ.get("CAPSROUTING_CPU_ISA", "auto") not in ("", "auto")
+    why = "forced by CAPSROUTING_CPU_ISA" if forced else "the best this CPU runs"
+    line = f"{level} ({why}; levels this CPU runs: {', '.join(runnable)})"
+    return line + (", built with -march=native" if native else "")
+
+
 def has_cuda_kernels() -> bool:
     """Whether the loaded extension was compiled with its CUDA kernels."""
     return load() is None and torch._C._dispatch_has_kernel_for_dispatch_key("capsrouting::capsule_routing_ext", "CUDA")

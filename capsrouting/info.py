@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import __version__, backends, reference
+from . import __version__, _extension, backends, reference
 from ._cli import OneLineParser
 from .functional import capsule_routing, route
 from .tolerances import TOLERANCES, within_tolerance
@@ -162,6 +162,11 @@ def main(argv=None) -> int:
             print(f"  {name:7s} unavailable: {reason}")
             continue
         print(f"  {name:7s} available: {backends.get(name).description}")
+        if name == "cpu":
+            try:
+                print(f"          CPU kernels: {_extension.cpu_kernel_level()}")
+            except RuntimeError as exc:  # a bad CAPSROUTING_CPU_ISA: the self-check below fails too
+                print(f"          CPU kernels: {exc}")
         for device in backends.get(name).device_types():
             if device == "cuda" and not torch.cuda.is_available():
                 continue

@@ -11,6 +11,9 @@
 // s_saved and Vprev_saved, (B, R, J, Dout) in float32 (float64 for float64 input), hold
 // s(r) and V(r-1) of DESIGN.md §3. c (the last iteration's couplings, (B, I, J)), dbias and
 // dprior are empty tensors where not asked for. Fake-tensor and autograd registrations live in Python.
+//
+// And one op that describes the build: cpu_isa() -> (the CPU kernels' instruction-set level in this
+// process, the levels this CPU runs, whether the build used -march=native).
 #include <torch/library.h>
 
 #include "checks.h"
@@ -97,6 +100,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_backward(
   return {du_hat, or_empty(dbias, u_hat), or_empty(dprior, u_hat)};
 }
 
+std::tuple<std::string, std::vector<std::string>, bool> cpu_isa() {
+#ifdef CAPSROUTING_NATIVE_BUILD
+  constexpr bool native = true;
+#else
+  constexpr bool native = false;
+#endif
+  return {cpu::isa(), cpu::runnable_isas(), native};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(capsrouting, m) {
@@ -114,6 +126,7 @@ TORCH_LIBRARY(capsrouting, m) {
       "route_ext_backward(Tensor grad_v, Tensor u_hat, Tensor? bias, Tensor? logit_prior, bool leaky, "
       "bool detach_inner, bool option_grads, Tensor s_saved, Tensor Vprev_saved, int num_iterations) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def("cpu_isa() -> (str, str[], bool)", &cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(capsrouting, CPU, m) {

@@ -5,14 +5,17 @@
 // Which dimension a vector's lanes run over is the caller's: batch elements
 // (routing_cpu.cpp) or input capsules (routing_cpu_small_batch.cpp). The math below is
 // vertical, lane by lane, so it serves either.
+//
+// Part of one instruction-set level's translation unit (kernels/unit.inc), which has already
+// included the standard headers this one uses: they must not be first read under the level's
+// target pragma, or their inline functions would be compiled for it (see unit.inc).
 #pragma once
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
+#ifndef CAPSROUTING_ISA
+#error "kernels/simd.h is included by kernels/unit.inc only"
+#endif
 
-namespace capsrouting::cpu::simd {
+namespace capsrouting::cpu::CAPSROUTING_ISA::simd {
 
 // Numbers per vector: 16 floats or 8 doubles.
 template <typename acc_t>
@@ -34,6 +37,32 @@ struct LaneVector<double> {
 
 template <typename T>
 using Lanes = typename LaneVector<T>::type;
+
+// n zero-initialized vectors (or scalars), 64-byte aligned. Not std::vector: its allocator is
+// instantiated for the baseline (unit.inc), where a 64-byte vector type is only 16-byte aligned,
+// so it may hand out memory that this level's aligned vector stores fault on.
+template <typename T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(int64_t n)
+      : size_(n), data_(static_cast<T*>(::operator new(sizeof(T) * size_t(n > 0 ? n : 1), std::align_val_t(64)))) {
+    for (int64_t k = 0; k < n; ++k) data_[k] = T{};
+  }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  ~AlignedBuffer() { ::operator delete(data_, std::align_val_t(64)); }
+
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  T* begin() { return data_; }
+  T* end() { return data_ + size_; }
+  T& operator[](int64_t k) { return data_[k]; }
+  const T& operator[](int64_t k) const { return data_[k]; }
+
+ private:
+  int64_t size_;
+  T* data_;
+};
 
 inline Lanes<float> lanes_max(Lanes<float> a, Lanes<float> b) { return a > b ? a : b; }
 inline Lanes<double> lanes_max(Lanes<double> a, Lanes<double> b) { return a > b ? a : b; }
@@ -147,4 +176,4 @@ void add_scaled_rows(const Vec* c, const Shared* x, int64_t J, int64_t D, Vec* o
     for (int64_t d = 0; d < D; ++d) out[j * D + d] += c[j] * x[j * D + d];
 }
 
-}  // namespace capsrouting::cpu::simd
+}  // namespace capsrouting::cpu::CAPSROUTING_ISA::simd

@@ -1,0 +1,3 @@
+// The CPU kernels for the architecture's baseline instructions (x86-64: SSE2; aarch64: NEON).
+#define CAPSROUTING_ISA baseline
+#include "kernels/unit.inc"
