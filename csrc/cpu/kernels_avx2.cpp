@@ -2,6 +2,7 @@
 #include "isa.h"
 #if CAPSROUTING_X86_LEVELS
 #define CAPSROUTING_ISA avx2
+#define CAPSROUTING_ISA_VECTOR_BYTES 32
 #define CAPSROUTING_ISA_TARGET "avx2,fma"
 #include "kernels/unit.inc"
 #endif

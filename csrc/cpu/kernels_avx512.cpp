@@ -2,6 +2,7 @@
 #include "isa.h"
 #if CAPSROUTING_X86_LEVELS
 #define CAPSROUTING_ISA avx512
+#define CAPSROUTING_ISA_VECTOR_BYTES 64
 #define CAPSROUTING_ISA_TARGET "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"
 #include "kernels/unit.inc"
 #endif

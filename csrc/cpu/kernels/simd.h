@@ -21,22 +21,78 @@ namespace capsrouting::cpu::CAPSROUTING_ISA::simd {
 template <typename acc_t>
 constexpr int64_t kLanes = 64 / sizeof(acc_t);
 
-// The kLanes numbers as one GCC/Clang vector: the compiler maps its arithmetic onto
-// whatever SIMD width the target has (AVX-512, AVX2, SSE, NEON). 64 bytes, so any row of a
-// lane-minor tensor is aligned (torch's CPU allocations are 64-byte aligned).
+// The compiler's vector of 64 bytes, and of the CPU's own width at this level
+// (CAPSROUTING_ISA_VECTOR_BYTES: 16 for SSE2 and NEON, 32 for AVX2, 64 for AVX-512).
 template <typename T>
-struct LaneVector;
+struct Vector64;
 template <>
-struct LaneVector<float> {
+struct Vector64<float> {
   typedef float type __attribute__((vector_size(64)));
 };
 template <>
-struct LaneVector<double> {
+struct Vector64<double> {
   typedef double type __attribute__((vector_size(64)));
 };
-
 template <typename T>
-using Lanes = typename LaneVector<T>::type;
+using Native64 = typename Vector64<T>::type;
+constexpr int kNativeBytes = CAPSROUTING_ISA_VECTOR_BYTES;
+
+// A 64-byte vector held as 64 / kNativeBytes vectors of the CPU's own width, with the arithmetic
+// of the compiler's vectors (lane by lane, scalars broadcast). Why not the compiler's 64-byte type
+// at every level: below AVX-512, GCC keeps that type in memory and moves it through general
+// registers (measured: the AVX2 level slower than SSE2), while a struct of native vectors stays
+// in registers. Same size and lane order: the layouts are the same at every level.
+template <typename T>
+struct Wide {
+  typedef T Part __attribute__((vector_size(kNativeBytes)));
+  static constexpr int kParts = 64 / kNativeBytes;
+  Part part[kParts];
+
+  Wide() : part{} {}
+  Wide(T x) {  // NOLINT: implicit, as the compiler's vectors take scalars
+    for (auto& p : part) p = Part{} + x;
+  }
+  // Lane l (GCC and Clang let a vector's element type alias it).
+  T& operator[](int64_t l) { return reinterpret_cast<T*>(part)[l]; }
+  T operator[](int64_t l) const { return reinterpret_cast<const T*>(part)[l]; }
+
+#define CAPSROUTING_WIDE_OPERATOR(op)                                           \
+  Wide& operator op##=(const Wide& b) {                                         \
+    for (int k = 0; k < kParts; ++k) part[k] op## = b.part[k];                 \
+    return *this;                                                               \
+  }                                                                             \
+  friend Wide operator op(Wide a, const Wide& b) { return a op## = b; }
+  CAPSROUTING_WIDE_OPERATOR(+)
+  CAPSROUTING_WIDE_OPERATOR(-)
+  CAPSROUTING_WIDE_OPERATOR(*)
+  CAPSROUTING_WIDE_OPERATOR(/)
+#undef CAPSROUTING_WIDE_OPERATOR
+};
+
+// The kLanes numbers of one vector: 64 bytes, so any row of a lane-minor tensor is aligned
+// (torch's CPU allocations are 64-byte aligned).
+template <typename T>
+using Lanes = std::conditional_t<kNativeBytes == 64, Native64<T>, Wide<T>>;
+
+// f applied to each native vector of x (a native 64-byte vector is one).
+template <typename V, typename F>
+V each_part(V x, F f) {
+  return f(x);
+}
+template <typename T, typename F>
+Wide<T> each_part(Wide<T> x, F f) {
+  for (auto& p : x.part) p = f(p);
+  return x;
+}
+template <typename V, typename F>
+V each_part(V a, const V& b, F f) {
+  return f(a, b);
+}
+template <typename T, typename F>
+Wide<T> each_part(Wide<T> a, const Wide<T>& b, F f) {
+  for (int k = 0; k < Wide<T>::kParts; ++k) a.part[k] = f(a.part[k], b.part[k]);
+  return a;
+}
 
 // n zero-initialized vectors (or scalars), 64-byte aligned. Not std::vector: its allocator is
 // instantiated for the baseline (unit.inc), where a 64-byte vector type is only 16-byte aligned,
@@ -64,27 +120,35 @@ class AlignedBuffer {
   T* data_;
 };
 
-inline Lanes<float> lanes_max(Lanes<float> a, Lanes<float> b) { return a > b ? a : b; }
-inline Lanes<double> lanes_max(Lanes<double> a, Lanes<double> b) { return a > b ? a : b; }
+template <typename V>
+V lanes_max(const V& a, const V& b) {
+  return each_part(a, b, [](auto x, auto y) { return x > y ? x : y; });
+}
 
-// exp of every lane, x <= 0. float: the polynomial of routing_math.h, written on whole
-// vectors so that it stays SIMD; double (the accuracy reference): the library exp.
-inline Lanes<float> lanes_exp(Lanes<float> x) {
-  typedef int32_t Ints __attribute__((vector_size(64)));
-  x = x < -87.0f ? Lanes<float>{} - 87.0f : x;
+// exp of every lane of a vector of floats of any width, x <= 0: the polynomial of routing_math.h,
+// written on whole vectors so that it stays SIMD.
+template <typename V>
+V exp_nonpositive_floats(V x) {
+  typedef int32_t Ints __attribute__((vector_size(sizeof(V))));
+  x = x < -87.0f ? V{} - 87.0f : x;
   const Ints n_int = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, Ints);  // round(x / ln2)
-  const Lanes<float> n = __builtin_convertvector(n_int, Lanes<float>);
-  const Lanes<float> f = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  Lanes<float> p = f * 1.9875691500e-4f + 1.3981999507e-3f;
+  const V n = __builtin_convertvector(n_int, V);
+  const V f = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  V p = f * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * f + 8.3334519073e-3f;
   p = p * f + 4.1665795894e-2f;
   p = p * f + 1.6666665459e-1f;
   p = p * f + 5.0000001201e-1f;
   p = p * f * f + f + 1.0f;
   const Ints bits = (n_int + 127) << 23;
-  Lanes<float> scale;
+  V scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
+}
+
+// exp of every lane, x <= 0. float: the polynomial; double (the accuracy reference): the library exp.
+inline Lanes<float> lanes_exp(Lanes<float> x) {
+  return each_part(x, [](auto part) { return exp_nonpositive_floats(part); });
 }
 
 inline Lanes<double> lanes_exp(Lanes<double> x) {
@@ -92,8 +156,9 @@ inline Lanes<double> lanes_exp(Lanes<double> x) {
   return x;
 }
 
-// Sum of the lanes by a fixed pairwise tree of vector halves (the same bits every call).
-inline float lanes_sum(Lanes<float> x) {
+// Sum of the lanes by a fixed pairwise tree of vector halves (the same bits every call, and at
+// every level): lanes l and l + 8, then l and l + 4, then (0 + 2) + (1 + 3).
+inline float lanes_sum(const Native64<float>& x) {
   typedef float Half8 __attribute__((vector_size(32)));
   typedef float Half4 __attribute__((vector_size(16)));
   const Half8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -102,10 +167,20 @@ inline float lanes_sum(Lanes<float> x) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-inline double lanes_sum(Lanes<double> x) {
+inline double lanes_sum(const Native64<double>& x) {
   typedef double Half4 __attribute__((vector_size(32)));
   const Half4 a = __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
   return (a[0] + a[2]) + (a[1] + a[3]);
+}
+
+template <typename T>
+T lanes_sum(const Wide<T>& x) {
+  constexpr int n = 64 / sizeof(T);
+  T t[n];
+  std::memcpy(t, x.part, sizeof(t));
+  for (int h = n / 2; h > 2; h /= 2)
+    for (int l = 0; l < h; ++l) t[l] += t[l + h];
+  return (t[0] + t[2]) + (t[1] + t[3]);
 }
 
 // The routing options of DESIGN.md §6 as the loops read them (acc_t copies of the tensors). Two
