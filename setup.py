@@ -5,12 +5,19 @@ extension (capsrouting._C) is built with ninja when a C++ compiler is present; w
 kernels when torch has CUDA and nvcc is found (switches in capsrouting/_build_config.py:
 FORCE_CUDA, FORCE_ONLY_CPU, MAX_JOBS, CAPSROUTING_NATIVE, CAPSROUTING_CXXFLAGS). If it
 cannot be built, the package installs without it and compiles it on first use instead.
+
+The build is portable by default: a wheel runs on any CPU of its architecture (the CPU kernels
+pick their instruction-set level at run time). A wheel also carries the C++/CUDA sources, as
+capsrouting/csrc/, so that the just-in-time build can still run where its library cannot load
+(another torch version, say).
 """
 import os
 import runpy
+import shutil
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -51,4 +58,19 @@ def extension_build() -> dict:
     return {"ext_modules": [extension], "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}
 
 
-setup(**extension_build())
+class BuildPyWithSources(build_py):
+    """Copies csrc/ into the built package (wheels); an editable install reads it where it is."""
+
+    def run(self):
+        super().run()
+        if not getattr(self, "editable_mode", False):
+            shutil.copytree(ROOT / "csrc", Path(self.build_lib) / "capsrouting" / "csrc", dirs_exist_ok=True)
+
+
+def setup_arguments() -> dict:
+    arguments = extension_build()
+    arguments.setdefault("cmdclass", {})["build_py"] = BuildPyWithSources
+    return arguments
+
+
+setup(**setup_arguments())

@@ -3,6 +3,8 @@
     python bench/cpu_isa.py [--batch 128] [--library NAME=PATH ...] [--threads N]
                             [--repeats 10] [--rounds 5] [--out bench/results/cpu_isa.json] [--fast]
 
+(--out also writes the table as Markdown beside the JSON, same name, .md.)
+
 Columns: every level of the CPU kernels this build has and this CPU runs (``CAPSROUTING_CPU_ISA``
 forced: baseline, avx2, avx512), and each ``--library NAME=PATH``, another build of the extension
 (for example one compiled with ``CAPSROUTING_NATIVE=1``) at the level it picks itself. Each column
@@ -16,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -49,7 +52,10 @@ def worker(library: str, batch: int, repeats: int, fast: bool) -> dict:
         if reason is not None:
             raise SystemExit(f"the C++ extension is not available: {reason}")
     ops = torch.ops.capsrouting
-    level, runnable, native = ops.cpu_isa()
+    if hasattr(ops, "cpu_isa"):
+        level, runnable, native = ops.cpu_isa()
+    else:  # a build from before the levels: compiled for its build machine with -march=native
+        level, runnable, native = "one level", [], True
     shape = TINY if fast else PAPER
     gen = torch.Generator().manual_seed(0)
     u = torch.randn(batch, shape["I"], shape["Din"], generator=gen)
@@ -76,6 +82,30 @@ def worker(library: str, batch: int, repeats: int, fast: bool) -> dict:
     return dict(level=level, runnable=runnable, native=native, threads=torch.get_num_threads(), ms=times)
 
 
+def markdown(record: dict) -> str:
+    """The record as a table: each column's milliseconds and its ratio to the build's default level."""
+    default = record["median_ms"][record["default_level"]]
+    layer = ", ".join(f"{k} = {v}" for k, v in record["layer"].items())
+    lines = [
+        f"# CPU kernels per instruction-set level, {record['machine']['cpu']}, {record['date']}",
+        "",
+        f"`{record['command']}`",
+        "",
+        f"Layer {layer}, B = {record['batch']}, float32, {record['threads']} threads, torch {record['versions']['torch']}; "
+        f"milliseconds, medians of {record['rounds']} interleaved rounds; ratio: time / time of this build's "
+        f"default level ({record['default_level']}).",
+        "",
+        "| column | level | forward | ratio | forward+backward | ratio |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, ms in record["median_ms"].items():
+        picked = record["columns"][name]
+        level = picked["level"] + (", -march=native" if picked["native"] else "")
+        lines.append(f"| {name} | {level} | {ms['forward']:.2f} | {ms['forward'] / default['forward']:.2f} | "
+                     f"{ms['forward+backward']:.2f} | {ms['forward+backward'] / default['forward+backward']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def run_column(column: dict, args) -> dict:
     env = dict(os.environ)
     env.pop("CAPSROUTING_CPU_ISA", None)
@@ -97,7 +127,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the columns (medians of them)")
-    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here, and a table beside (.md)")
     parser.add_argument("--fast", action="store_true", help="a tiny layer: checks that the script runs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--library-path", default="", help=argparse.SUPPRESS)
@@ -105,6 +135,8 @@ def main(argv=None) -> int:
     if args.batch < 1 or args.threads < 1 or args.rounds < 1 or args.repeats < 1:
         parser.error("--batch, --threads, --repeats and --rounds take positive integers")
     torch.set_num_threads(args.threads)
+    from capsrouting.info import cpu_name
+
     if args.worker:
         print(json.dumps(worker(args.library_path, args.batch, args.repeats, args.fast)))
         return 0
@@ -137,13 +169,16 @@ def main(argv=None) -> int:
         print(f"{what:>24s} {ms['forward']:9.2f} {ms['forward+backward']:9.2f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        record = dict(date=datetime.date.today().isoformat(), command="python bench/cpu_isa.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                      machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count()),
+        # Libraries by file name only: the command as run, without this machine's paths.
+        words = [re.sub(r"=.*/", "=", w) if w.count("=") == 1 and "/" in w else w for w in (sys.argv[1:] if argv is None else argv)]
+        record = dict(date=datetime.date.today().isoformat(), command="python bench/cpu_isa.py " + " ".join(words),
+                      machine=dict(cpu=cpu_name(), cores=os.cpu_count()),
                       versions=dict(torch=torch.__version__), batch=args.batch, threads=args.threads, rounds=args.rounds,
                       layer=TINY if args.fast else PAPER, default_level=probe["level"], columns=picked,
                       median_ms=medians, rounds_ms=times)
         args.out.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        args.out.with_suffix(".md").write_text(markdown(record))
+        print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 
 

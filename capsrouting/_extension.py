@@ -14,8 +14,10 @@ from typing import Optional
 
 import torch
 
-# The project root of a source checkout (or an editable install), where csrc/ lives.
-_ROOT = Path(__file__).resolve().parent.parent
+# Where csrc/ lives: the project root of a source checkout (or an editable install), or the
+# package itself when installed from a wheel (setup.py copies the sources into it).
+_PACKAGE = Path(__file__).resolve().parent
+_ROOT = _PACKAGE if (_PACKAGE / "csrc").is_dir() else _PACKAGE.parent
 _OPS = ("capsule_routing_ext", "capsule_routing_ext_backward", "route_ext", "route_ext_backward")
 
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,3 +56,22 @@ def test_cpu_speedup_times_every_batch_thread_count_and_kernel_path(tmp_path):
     for r in records:
         assert set(r["results_ms"]) == {"reference", "compiled", "cpu", "cpu:small-batch", "cpu:batch"}
         assert all(r["results_ms"][b]["forward+backward"] > 0 for b in r["results_ms"])
+
+
+def test_cpu_isa_times_every_level_and_another_build(tmp_path):
+    import torch
+
+    from capsrouting import _extension
+
+    if _extension.load() is not None or _extension._installed_library() is None:
+        pytest.skip("needs the extension built into the package (its library is timed again as another build)")
+    out = tmp_path / "isa.json"
+    library = _extension._installed_library()
+    _run([sys.executable, "bench/cpu_isa.py", "--fast", "--rounds", "2", "--repeats", "1",
+          "--library", f"again={library}", "--out", str(out)])
+    record = json.loads(out.read_text())
+    levels = list(torch.ops.capsrouting.cpu_isa()[1])
+    assert list(record["median_ms"]) == levels + ["again"]
+    assert record["columns"]["again"]["level"] == record["default_level"] == levels[-1]
+    assert all(len(t) == 2 and min(t) > 0 for by_pass in record["rounds_ms"].values() for t in by_pass.values())
+    assert "| again | " in out.with_suffix(".md").read_text() and "/" not in record["command"].split("again=")[1].split()[0]
