@@ -62,7 +62,7 @@ def test_disabled_extension_says_so(tmp_path):
 
 @pytest.mark.skipif(os.environ.get("CAPSROUTING_EXTENSION") == "off", reason="extension disabled")
 def test_first_use_compiles_the_extension_just_in_time(tmp_path):
-    # Portable flags (no -march=native): the vector code must also be right without AVX.
+    # The default, portable flags (every instruction-set level compiled, the best one picked).
     out = _run(tmp_path, CAPSROUTING_EXTENSION="jit", CAPSROUTING_NATIVE="0")
     assert "BACKEND cpu" in out and "WARNINGS 0" in out, out
     assert any(p.name.startswith("capsrouting_ext") for p in (tmp_path / "extensions").iterdir())
