@@ -58,7 +58,10 @@ def _uses_openmp() -> bool:
 
 def cxx_flags() -> list:
     # -Wno-psabi: the SIMD helpers pass vectors by value; they are internal, their ABI is moot.
-    flags = ["-O3", "-Wno-psabi"]
+    # -g0: no debug information (Python's build flags ask for it): a third less compile time for the
+    # kernels, compiled once per instruction-set level, and a library a quarter of the size.
+    # CAPSROUTING_CXXFLAGS=-g brings it back.
+    flags = ["-O3", "-g0", "-Wno-psabi"]
     # at::parallel_for only runs threads when the extension itself is compiled with OpenMP;
     # at run time it shares the OpenMP runtime torch has already loaded.
     if _uses_openmp():

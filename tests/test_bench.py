@@ -67,11 +67,11 @@ def test_cpu_isa_times_every_level_and_another_build(tmp_path):
         pytest.skip("needs the extension built into the package (its library is timed again as another build)")
     out = tmp_path / "isa.json"
     library = _extension._installed_library()
-    _run([sys.executable, "bench/cpu_isa.py", "--fast", "--rounds", "2", "--repeats", "1",
+    _run([sys.executable, "bench/cpu_isa.py", "--fast", "--rounds", "1", "--repeats", "1",
           "--library", f"again={library}", "--out", str(out)])
     record = json.loads(out.read_text())
     levels = list(torch.ops.capsrouting.cpu_isa()[1])
     assert list(record["median_ms"]) == levels + ["again"]
     assert record["columns"]["again"]["level"] == record["default_level"] == levels[-1]
-    assert all(len(t) == 2 and min(t) > 0 for by_pass in record["rounds_ms"].values() for t in by_pass.values())
+    assert all(len(t) == 1 and min(t) > 0 for by_pass in record["rounds_ms"].values() for t in by_pass.values())
     assert "| again | " in out.with_suffix(".md").read_text() and "/" not in record["command"].split("again=")[1].split()[0]
