@@ -18,7 +18,7 @@ import torch
 # package itself when installed from a wheel (setup.py copies the sources into it).
 _PACKAGE = Path(__file__).resolve().parent
 _ROOT = _PACKAGE if (_PACKAGE / "csrc").is_dir() else _PACKAGE.parent
-_OPS = ("capsule_routing_ext", "capsule_routing_ext_backward", "route_ext", "route_ext_backward")
+_OPS = ("capsule_routing_ext", "capsule_routing_ext_backward", "route_ext", "route_ext_backward", "cpu_isa")
 
 
 def _mode() -> str:
