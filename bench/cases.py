@@ -167,6 +167,12 @@ def check(backend: str, shape: Shape, device: str, variant: str = "none") -> Non
                                    msg=lambda m: f"{backend} {shape.label} {label}: {m}")
 
 
+def adaptive_median_ms(run: Callable[[], None], repeats: int) -> float:
+    """Median over at least ``repeats`` runs, more for fast cases (about half a second of them)."""
+    first = median_ms(run, 3, warmup=1)
+    return median_ms(run, max(repeats, min(200, int(500 / max(first, 1e-3)))), warmup=0)
+
+
 def median_ms(run: Callable[[], None], repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         run()

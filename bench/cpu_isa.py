@@ -34,15 +34,9 @@ TINY = dict(I=40, Din=5, J=3, Dout=4, R=2)
 PASSES = ("forward", "forward+backward")
 
 
-def _median_ms(run, repeats: int) -> float:
-    from bench import cases
-
-    first = cases.median_ms(run, 3, warmup=1)
-    return cases.median_ms(run, max(repeats, min(200, int(500 / max(first, 1e-3)))), warmup=0)
-
-
 def worker(library: str, batch: int, repeats: int, fast: bool) -> dict:
     """In this process: load the build, check it against the reference, time its two passes."""
+    from bench import cases
     from capsrouting import _extension, reference
 
     if library:
@@ -78,7 +72,7 @@ def worker(library: str, batch: int, repeats: int, fast: bool) -> dict:
         _, _, s, Vp = ops.capsule_routing_ext(u, W, None, None, False, False, False, R)
         ops.capsule_routing_ext_backward(grad_v, u, W, None, None, False, False, True, s, Vp, R)
 
-    times = {"forward": _median_ms(forward, repeats), "forward+backward": _median_ms(forward_backward, repeats)}
+    times = {"forward": cases.adaptive_median_ms(forward, repeats), "forward+backward": cases.adaptive_median_ms(forward_backward, repeats)}
     return dict(level=level, runnable=runnable, native=native, threads=torch.get_num_threads(), ms=times)
 
 

@@ -33,12 +33,6 @@ REFERENCES = ("reference", "compiled")
 CPU_PATHS = ("small-batch", "batch")
 
 
-def _median_ms(run, repeats: int) -> float:
-    """Median over at least ``repeats`` runs, more for fast cases (about half a second of them)."""
-    first = cases.median_ms(run, 3, warmup=1)
-    return cases.median_ms(run, max(repeats, min(200, int(500 / max(first, 1e-3)))), warmup=0)
-
-
 def _layer(fast: bool):
     return cases.sweep("cpu", fast=True)[0] if fast else cases.PAPER
 
@@ -79,7 +73,7 @@ def measure(batch: int, repeats: int, paths: bool, fast: bool = False, rounds: i
         for column, (backend, path) in columns.items():
             with _ForcedPath(path):
                 for p, run in runs[column].items():
-                    times[column][p].append(_median_ms(run, repeats))
+                    times[column][p].append(cases.adaptive_median_ms(run, repeats))
     results = {column: {p: statistics.median(t) for p, t in by_pass.items()} for column, by_pass in times.items()}
     for backend in (*REFERENCES, "cpu"):
         results[backend]["largest_allocation_MB"] = memory.largest_allocation_bytes(runs[backend]["forward+backward"]) / 2**20
