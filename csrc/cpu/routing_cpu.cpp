@@ -38,22 +38,24 @@ bool can_run(Isa isa) {
 #endif
 }
 
+// The levels this build has and this CPU runs, lowest first.
+std::vector<Isa> runnable() {
+  std::vector<Isa> levels;
+  for (Isa isa : kLevels)
+    if (can_run(isa)) levels.push_back(isa);
+  return levels;
+}
+
 std::string runnable_list() {
   std::string list;
-  for (Isa isa : kLevels)
-    if (can_run(isa)) list += std::string(list.empty() ? "" : ", ") + name_of(isa);
+  for (Isa isa : runnable()) list += std::string(list.empty() ? "" : ", ") + name_of(isa);
   return list;
 }
 
 // CAPSROUTING_CPU_ISA when set (to a level this CPU runs), else the highest level it runs.
 Isa choose() {
   const char* forced = std::getenv("CAPSROUTING_CPU_ISA");
-  if (forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0) {
-    Isa best = Isa::baseline;
-    for (Isa isa : kLevels)
-      if (can_run(isa)) best = isa;
-    return best;
-  }
+  if (forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0) return runnable().back();
   for (Isa isa : kLevels)
     if (std::strcmp(forced, name_of(isa)) == 0) {
       TORCH_CHECK(can_run(isa), "CAPSROUTING_CPU_ISA=", forced, ": this CPU cannot run that level of the CPU kernels; ",
@@ -109,8 +111,7 @@ std::string isa() { return name_of(active()); }
 
 std::vector<std::string> runnable_isas() {
   std::vector<std::string> names;
-  for (Isa level : kLevels)
-    if (can_run(level)) names.emplace_back(name_of(level));
+  for (Isa level : runnable()) names.emplace_back(name_of(level));
   return names;
 }
 
