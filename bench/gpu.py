@@ -252,8 +252,8 @@ def dry_run(names: List[str]) -> str:
         lines += [f"note: {MNIST_DIR}/ lacks MNIST files here: before running {', '.join(needing)}, {how_to_fill_mnist()}.", ""]
     if len(names) > 1:
         total = sum(STAGES[n].minutes for n in names)
-        lines.append(f"all {len(names)} stages: about {total} minutes of commands; at 30 minutes of GPU time a session, "
-                     "spread them over several sessions, in the order above.")
+        lines.append(f"all {len(names)} stages: about {total} minutes of commands, more than one session's GPU time "
+                     "(15 to 30 minutes so far): spread them over several sessions, in the order above.")
     return "\n".join(lines).rstrip() + "\n"
 
 
