@@ -118,17 +118,9 @@ def _announce_once(key, message: str, warn: bool, stacklevel: int = 6) -> None:
         logger.info(message)
 
 
-def choose_automatically(device_type: str, x: torch.Tensor, W: Optional[torch.Tensor] = None,
-                         options: Tuple[str, ...] = ()) -> Backend:
-    """What ``backend="auto"`` runs for a problem shaped like ``x`` (u, or u_hat when ``W``
-    is None) on tensors of ``device_type`` with the routing ``options`` on: the first backend of
-    the preference order that is available, runs on that device type and covers the shape and
-    options. Only shapes and dtypes of ``x`` and ``W`` are read, so meta tensors describe a
-    problem without allocating it.
-
-    Skipping a backend that exists but cannot run here warns once per (device type, choice).
-    """
-    skipped = []
+def _runnable(device_type: str, x: torch.Tensor, W: Optional[torch.Tensor], options: Tuple[str, ...]):
+    """(backend, None) for each backend of the preference order that runs this problem, (name, why
+    not) for each that does not, in that order."""
     for name in _PREFERENCE.get(device_type, ["torch"]):
         if name not in _REGISTRY:
             continue
@@ -139,24 +131,53 @@ def choose_automatically(device_type: str, x: torch.Tensor, W: Optional[torch.Te
             reason = _REGISTRY[name].shape_reason(x, W)
         if reason is None:
             reason = _REGISTRY[name].options_reason(options)
-        if reason is None:
-            if skipped:
-                why = "; ".join(f"'{n}': {r}" for n, r in skipped)
-                _announce_once((device_type, name), f"capsrouting: using backend '{name}' for {device_type} tensors ({why})", warn=True)
-            else:
-                _announce_once((device_type, name), f"capsrouting: using backend '{name}' for {device_type} tensors", warn=False)
-            return _REGISTRY[name]
-        skipped.append((name, reason))
-    raise ValueError(f"no backend runs on {device_type} tensors; backends: {_describe_choices()}")
+        yield (_REGISTRY[name], None) if reason is None else (name, reason)
 
 
-def resolve(backend: str, x: torch.Tensor, W: Optional[torch.Tensor] = None, options: Tuple[str, ...] = ()) -> Backend:
-    """The backend that runs for input ``x`` (u, or u_hat when ``W`` is None) with ``options`` on."""
+def choose_automatically(device_type: str, x: torch.Tensor, W: Optional[torch.Tensor] = None,
+                         options: Tuple[str, ...] = (), problem=None) -> Backend:
+    """What ``backend="auto"`` runs for a problem shaped like ``x`` (u, or u_hat when ``W``
+    is None) on tensors of ``device_type`` with the routing ``options`` on: the first backend of
+    the preference order that is available, runs on that device type and covers the shape and
+    options. Only shapes and dtypes of ``x`` and ``W`` are read, so meta tensors describe a
+    problem without allocating it. With ``problem`` (an ``autotune.Problem``), every backend that
+    runs it is a candidate and ``problem.choose`` picks one (by measuring, see ``autotune``).
+
+    Skipping a backend that exists but cannot run here warns once per (device type, choice).
+    """
+    skipped, candidates = [], []
+    for backend, reason in _runnable(device_type, x, W, options):
+        if reason is not None:
+            if not candidates:
+                skipped.append((backend, reason))
+            continue
+        candidates.append(backend)
+        if problem is None:
+            break
+    if not candidates:
+        raise ValueError(f"no backend runs on {device_type} tensors; backends: {_describe_choices()}")
+    first = candidates[0]
+    if skipped:
+        why = "; ".join(f"'{n}': {r}" for n, r in skipped)
+        _announce_once((device_type, first.name), f"capsrouting: using backend '{first.name}' for {device_type} tensors ({why})", warn=True)
+    if len(candidates) > 1:
+        return problem.choose(candidates)
+    if not skipped:
+        _announce_once((device_type, first.name), f"capsrouting: using backend '{first.name}' for {device_type} tensors", warn=False)
+    return first
+
+
+def resolve(backend: str, x: torch.Tensor, W: Optional[torch.Tensor] = None, options: Tuple[str, ...] = (),
+            problem=None) -> Backend:
+    """The backend that runs for input ``x`` (u, or u_hat when ``W`` is None) with ``options`` on;
+    ``problem`` (an ``autotune.Problem``): "auto" chooses among the candidates by measuring."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string such as 'auto' or 'torch', got {backend!r}")
     device = x.device
     if backend == "auto":
-        return _unless_in_functorch_transform(backend, choose_automatically(device.type, x, W, options))
+        if problem is not None and _in_functorch_transform():
+            problem = None  # the transform runs "torch" whatever is chosen: nothing to measure
+        return _unless_in_functorch_transform(backend, choose_automatically(device.type, x, W, options, problem))
     reason = unavailable_reason(backend)
     if reason is not None:
         raise ValueError(

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import backends, reference
+from . import autotune, backends, reference
 from ._validation import check_capsule_routing_args, check_route_args, check_routing_options, check_squash_args
 
 
@@ -90,7 +90,11 @@ def _run(backend: str, entry: str, x: torch.Tensor, W, num_iterations: int, opti
     lead = x.shape[:-inner]
     flat = x.reshape(-1, *x.shape[-inner:])
     active = options.active()
-    chosen = backends.resolve(backend, flat, W, active)
+    # "auto" on a GPU measures the candidates on the first call of each case (autotune).
+    problem = None
+    if backend == "auto" and autotune.measures(flat.device.type):
+        problem = autotune.Problem(entry, flat, W, num_iterations, options)
+    chosen = backends.resolve(backend, flat, W, active, problem)
     args = (flat, W, num_iterations) if W is not None else (flat, num_iterations)
     if active:
         args = args + (options,)

@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import __version__, _extension, backends, reference
+from . import __version__, _extension, autotune, backends, reference
 from ._cli import OneLineParser
 from .functional import capsule_routing, route
 from .tolerances import TOLERANCES, within_tolerance
@@ -147,6 +147,9 @@ def speed_lines(device: str, batch: int = 32, backend_names: Optional[List[str]]
             continue
         t = timed(lambda a, b, name=name: capsule_routing(a, b, 3, backend=name))
         lines.append(f"  backend {name:12s} {ms(t)}   ({ratio(eager_ms, t)} eager, {ratio(compiled_ms, t)} compiled)")
+    if autotune.measures(device):  # its first call measures the candidates (autotune), then runs the fastest
+        t = timed(lambda a, b: capsule_routing(a, b, 3))
+        lines.append(f"  backend {'auto':12s} {ms(t)}   ({ratio(eager_ms, t)} eager, {ratio(compiled_ms, t)} compiled)")
     return lines
 
 
@@ -183,6 +186,10 @@ def main(argv=None) -> int:
         for device in devices:
             print()
             print("\n".join(speed_lines(device)), flush=True)
+    measured = autotune.describe_cache()
+    if measured:
+        print("\nbackend='auto' measured in this process:")
+        print("\n".join(f"  {line}" for line in measured))
     if failures:
         print(f"\ninfo: {failures} self-check(s) failed")
     return 1 if failures else 0
