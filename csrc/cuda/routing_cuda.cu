@@ -105,7 +105,7 @@ BackwardResult backward(const at::Tensor& grad_v_in, const at::Tensor& x_in, con
   });
   // dbias = sum of g_s(r) over the batch and the iterations (want_dbias implies the full backward:
   // every g_s(r) is written).
-  auto dbias = want_dbias ? gs_saved.sum({0, 1}).to(options.bias.scalar_type()) : at::Tensor();
+  auto dbias = want_dbias ? gs_saved.sum(at::IntArrayRef{0, 1}).to(options.bias.scalar_type()) : at::Tensor();
   return {dx, dW, dbias, want_dprior ? dprior.to(options.logit_prior.scalar_type()) : dprior};
 }
 
