@@ -153,7 +153,7 @@ def _auto_choice(autotune, shape, pass_) -> Optional[str]:
     for case, choice in autotune.cached_choices().items():
         if (case.I, case.J, case.D, case.K, case.grad) == (shape.I, shape.J, shape.Dout, shape.Din,
                                                           pass_ != "forward") and \
-                case.batch_bucket == (1 << max(0, (shape.B - 1).bit_length())) and case.dtype == str(shape.dtype)[6:]:
+                case.batch_bucket == autotune.batch_bucket(shape.B) and case.dtype == str(shape.dtype)[6:]:
             return choice.describe()
     return None
 

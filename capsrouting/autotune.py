@@ -69,6 +69,11 @@ _cache: Dict[Case, Choice] = {}
 _announced: set = set()
 
 
+def batch_bucket(B: int) -> int:
+    """The batch size a measured choice holds for: B rounded up to a power of two (0 stays 0)."""
+    return 1 << max(0, (B - 1).bit_length()) if B else 0
+
+
 def enabled() -> bool:
     """Whether measuring is on (``CAPSROUTING_AUTOTUNE`` unset or anything but 0)."""
     return os.environ.get(ENV_SWITCH, "1").strip() != "0"
@@ -164,8 +169,7 @@ class Problem:
         x, W = self.x, self.W
         B = x.shape[0]
         I, J, D, K = W.shape if W is not None else (*x.shape[1:], 0)
-        bucket = 1 << max(0, (B - 1).bit_length()) if B else 0
-        return Case(str(x.device), str(x.dtype).replace("torch.", ""), self.entry, bucket, I, J, D, K,
+        return Case(str(x.device), str(x.dtype).replace("torch.", ""), self.entry, batch_bucket(B), I, J, D, K,
                     self.num_iterations, self.options.active(), self.grad)
 
     def choose(self, candidates: Sequence) -> object:
